@@ -1,0 +1,24 @@
+"""pfa_fx: train any PyTorch model with credit-assignment rules that avoid weight symmetry.
+
+``pfa_fx.convert(model, rule="pfa")`` rewrites every weight op of a model (a torch.fx
+pass) into a feedback-aware op: identical forward, backward through the rule's feedback
+weights. Rules: ``bp``, ``fa``, ``sf``, ``kp``, ``pfa``, ``pfa-o``.
+"""
+
+from .convert import ConversionError, ConvertedModule, TraceError, convert, feedback_modules
+from .metrics import alignment, angle_and_norm_ratio
+from .rules import RULES, FeedbackNode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "ConversionError",
+    "ConvertedModule",
+    "FeedbackNode",
+    "TraceError",
+    "alignment",
+    "angle_and_norm_ratio",
+    "convert",
+    "feedback_modules",
+]

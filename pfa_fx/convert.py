@@ -1,0 +1,526 @@
+"""The torch.fx pass: rewrite every weight op of a model into a feedback-aware op.
+
+``convert(model, rule)`` traces a copy of ``model`` (once in train mode, once in eval
+mode, because Python forwards may branch on ``self.training``), finds every weight op —
+``nn.Linear`` / ``nn.Conv{1,2,3}d`` calls, ``F.linear`` / ``F.conv{1,2,3}d`` calls with
+weights from parameters or computed by the model, and weight modules hidden inside
+modules that tracing must keep opaque — and rewrites it to the op of :mod:`pfa_fx.ops`
+with a :class:`~pfa_fx.rules.FeedbackNode` holding the rule's state under the
+``pfa_feedback`` namespace. Parameter names are unchanged, so checkpoints keep loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import intercept, ops
+from .rules import RULES, FeedbackNode, rule_class, seeded_generator
+
+NAMESPACE = "pfa_feedback"
+
+WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+_LINEAR_FNS = {F.linear}
+_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+RuleSpec = Union[str, tuple[str, Mapping[str, Any]], None]
+
+
+class ConversionError(ValueError):
+    """A model or option that ``convert`` cannot accept."""
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the module at fault."""
+
+
+# ------------------------------------------------------------------------ the tracer
+def _notrace_from_libraries() -> tuple[tuple[type, ...], tuple[Any, ...], tuple[Any, ...]]:
+    """Leaf modules and opaque functions the model libraries register for FX themselves."""
+    leaves: list[type] = []
+    functions: list[Any] = []
+    modules: list[Any] = [math]
+    try:
+        from timm.layers import _fx as timm_fx
+
+        leaves += list(timm_fx.get_notrace_modules())
+        functions += list(timm_fx.get_notrace_functions())
+    except ImportError:  # timm is optional for users of plain torch models
+        pass
+    try:
+        import torchvision.ops
+
+        modules.append(torchvision.ops)
+    except ImportError:
+        pass
+    return tuple(leaves), tuple(functions), tuple(modules)
+
+
+def is_plain_weight_module(m: nn.Module) -> bool:
+    """A Linear/Conv whose forward is torch's own (subclasses with their own forward,
+    e.g. weight-standardized convs, are traced through instead)."""
+    return isinstance(m, WEIGHT_MODULES) and type(m).forward in _PLAIN_FORWARDS
+
+
+class FeedbackTracer(fx.Tracer):
+    """``fx.Tracer`` that keeps timm's notrace modules opaque, autowraps its notrace
+    functions, stamps each node with the module path it came from, and names the
+    module at fault when tracing fails."""
+
+    def __init__(self) -> None:
+        leaves, functions, modules = _notrace_from_libraries()
+        super().__init__(autowrap_modules=modules, autowrap_functions=functions)
+        self.extra_leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.extra_leaves):
+            return True
+        if isinstance(m, WEIGHT_MODULES):
+            return is_plain_weight_module(m)
+        return super().is_leaf_module(m, qualname)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["pfa_scope"] = self.scope.module_path
+        return node
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except TraceError:
+            raise
+        except Exception as exc:
+            path = self.path_of_module(m) or "<root>"
+            raise TraceError(
+                f"torch.fx cannot trace module '{path}' ({type(m).__module__}.{type(m).__qualname__}): "
+                f"{type(exc).__name__}: {exc}. Register it as a leaf (timm.layers.register_notrace_module) "
+                "or keep it on BP with a rule mapping."
+            ) from exc
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return FeedbackTracer().trace(model)
+    except TraceError:
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"torch.fx cannot trace the forward of '{type(model).__qualname__}' (the root module): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# ------------------------------------------------------------------- the graph module
+class ConvertedModule(fx.GraphModule):
+    """A ``GraphModule`` with one graph per mode: ``train()``/``eval()`` switch between
+    the graph traced in training mode and the one traced in eval mode, so forwards that
+    branch on ``self.training`` behave as before conversion."""
+
+    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str):
+        super().__init__(root, train_graph if root.training else eval_graph, class_name)
+        self._pfa_graphs = {True: train_graph, False: eval_graph}
+        for graph in (train_graph, eval_graph):
+            graph.owning_module = self
+            for node in graph.nodes:
+                if node.op in ("get_attr", "call_module") and not _has_attr(self, node.target):
+                    fx.graph_module._copy_attr(root, self, node.target)
+        _keep_every_tensor(root, self)
+
+    def train(self, mode: bool = True) -> ConvertedModule:
+        super().train(mode)
+        graphs = self.__dict__.get("_pfa_graphs")
+        if graphs is not None and graphs[bool(mode)] is not self.graph:
+            self.graph = graphs[bool(mode)]  # recompiles forward
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConvertedModule:
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        res.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        for graph in res._pfa_graphs.values():
+            graph.owning_module = res
+        res.recompile()
+        return res
+
+    def __reduce__(self):
+        raise TypeError(
+            "a converted model is saved with its state_dict (torch.save(model.state_dict())) and "
+            "rebuilt with pfa_fx.convert; pickling the module itself is not supported"
+        )
+
+
+def _has_attr(mod: nn.Module, target: str) -> bool:
+    for item in target.split("."):
+        if not hasattr(mod, item):
+            return False
+        mod = getattr(mod, item)
+    return True
+
+
+def _keep_every_tensor(root: nn.Module, gm: nn.Module) -> None:
+    """GraphModule copies only what the graph touches; keep every parameter and buffer
+    (unused heads included) under its own name, persistent or not as it was, so
+    ``state_dict`` keys match the original model's and checkpoints keep loading."""
+    for path, _ in list(root.named_parameters(remove_duplicate=False)) + list(
+        root.named_buffers(remove_duplicate=False)
+    ):
+        if not _has_attr(gm, path):
+            fx.graph_module._copy_attr(root, gm, path)
+    for path, mod in root.named_modules(remove_duplicate=False):
+        if not mod._non_persistent_buffers_set:
+            continue
+        try:
+            target = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if target is not mod:
+            target._non_persistent_buffers_set |= mod._non_persistent_buffers_set & set(target._buffers)
+
+
+# ------------------------------------------------------------------------ rule specs
+def _resolve_spec(
+    spec: str | Mapping[Any, RuleSpec], key: str, owner: nn.Module | None
+) -> tuple[str, dict[str, Any]] | None:
+    """The (rule, options) for the op named ``key``; None keeps the op native."""
+    if isinstance(spec, str):
+        return spec, {}
+    for pattern, value in spec.items():
+        if isinstance(pattern, type):
+            hit = owner is not None and isinstance(owner, pattern)
+        else:
+            hit = fnmatch.fnmatchcase(key, pattern)
+        if hit:
+            if value is None:
+                return None
+            if isinstance(value, str):
+                return value, {}
+            name, opts = value
+            return name, dict(opts)
+    return None
+
+
+def _check_spec(spec: Any, options: Mapping[str, Any]) -> None:
+    if isinstance(spec, str):
+        names = [spec]
+    elif isinstance(spec, Mapping):
+        names = []
+        for pattern, value in spec.items():
+            if not isinstance(pattern, (str, type)):
+                raise ConversionError(f"rule mapping keys are name patterns or module types, got {pattern!r}")
+            if value is None:
+                continue
+            if isinstance(value, str):
+                names.append(value)
+            elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
+                names.append(value[0])
+                _check_options(value[0], value[1], [value[0]])
+            else:
+                raise ConversionError(f"rule for {pattern!r} must be a rule name, (name, options) or None; got {value!r}")
+    else:
+        raise ConversionError(f"rule must be a rule name or a mapping of patterns to rules, got {spec!r}")
+    for name in names:
+        rule_class(name)  # raises with the valid names
+    _check_options(None, options, names)
+
+
+def _check_options(owner: str | None, options: Mapping[str, Any], names: list[str]) -> None:
+    valid = {opt for n in names for opt in rule_class(n).options}
+    for opt in options:
+        if opt not in valid:
+            which = f"rule {owner!r}" if owner else f"rule(s) {', '.join(sorted(set(names)))}"
+            listed = ", ".join(sorted(valid)) or "none"
+            raise ConversionError(f"unknown option {opt!r} for {which}; valid options: {listed}")
+
+
+def _make_node(
+    rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str
+) -> FeedbackNode:
+    cls = rule_class(rule)
+    accepted = {k: v for k, v in opts.items() if k in cls.options}
+    return cls(weight, groups=groups, generator=seeded_generator(seed, key), **accepted)
+
+
+# -------------------------------------------------------------------------- the pass
+class _Rewriter:
+    """Holds what one conversion shares between its two graphs: one node per weight."""
+
+    def __init__(self, gm: ConvertedModule, spec, options: dict[str, Any], seed: int):
+        self.gm, self.spec, self.options, self.seed = gm, spec, options, seed
+        self.namespace = nn.Module()
+        gm.add_module(NAMESPACE, self.namespace)
+        self.made: dict[str, FeedbackNode | None] = {}
+
+    def node_for(self, key: str, weight: torch.Tensor, groups: int, owner: nn.Module | None) -> FeedbackNode | None:
+        if key in self.made:
+            node = self.made[key]
+            if node is not None and tuple(weight.shape) != node.weight_shape:
+                raise ConversionError(f"weight '{key}' is used with two shapes; cannot share its feedback")
+            return node
+        resolved = _resolve_spec(self.spec, key, owner)
+        node = None
+        if resolved is not None:
+            rule, opts = resolved
+            node = _make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key)
+            _set_path(self.namespace, key, node)
+        self.made[key] = node
+        return node
+
+    # -- one graph ---------------------------------------------------------------------
+    def rewrite(self, graph: fx.Graph) -> None:
+        used_keys: dict[str, int] = {}
+        for node in list(graph.nodes):
+            if node.op == "call_module":
+                m = self.gm.get_submodule(node.target)
+                if is_plain_weight_module(m):
+                    self._rewrite_module_call(graph, node, m)
+                elif _hidden_weight_modules(m):
+                    self._rewrite_leaf_call(graph, node, m)
+            elif node.op == "call_function" and (node.target in _LINEAR_FNS or node.target in _CONV_FNS):
+                self._rewrite_function_call(graph, node, used_keys)
+        graph.eliminate_dead_code()
+        graph.lint()
+
+    def _feedback_attr(self, graph: fx.Graph, key: str) -> fx.Node:
+        return graph.get_attr(f"{NAMESPACE}.{key}")
+
+    def _rewrite_module_call(self, graph: fx.Graph, node: fx.Node, m: nn.Module) -> None:
+        groups = getattr(m, "groups", 1)
+        fb = self.node_for(node.target, m.weight, groups, m)
+        if fb is None:
+            return
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"{node.target}.weight")
+            b = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+            f = self._feedback_attr(graph, node.target)
+            if isinstance(m, nn.Linear):
+                new = graph.call_function(ops.feedback_linear, (x, w, b, f))
+            else:
+                padding = m.padding
+                if m.padding_mode != "zeros":
+                    # nn.Conv*d pads explicitly for these modes, then convolves unpadded
+                    x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
+                    padding = 0
+                new = graph.call_function(
+                    ops.feedback_conv, (x, w, b, f, m.stride, padding, m.dilation, m.groups)
+                )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    def _rewrite_function_call(self, graph: fx.Graph, node: fx.Node, used_keys: dict[str, int]) -> None:
+        is_linear = node.target in _LINEAR_FNS
+        names = ("input", "weight", "bias") if is_linear else _CONV_ARGS
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        if not is_linear:
+            for k, v in _CONV_DEFAULTS.items():
+                bound.setdefault(k, v)
+        bound.setdefault("bias", None)
+        w_node = bound["weight"]
+        param_path = _source_parameter(self.gm, w_node)
+        scope = node.meta.get("pfa_scope", "")
+        owner = _get_module(self.gm, scope)
+        if param_path is None:
+            # weight not derived from a parameter (e.g. computed from the input): its shape
+            # is unknown before a forward, so it stays on BP and the report says so.
+            return
+        weight = self.gm.get_parameter(param_path) if _is_param(self.gm, param_path) else self.gm.get_buffer(param_path)
+        key = param_path[: -len(".weight")] if param_path.endswith(".weight") else param_path
+        groups = bound.get("groups", 1)
+        if not isinstance(groups, int):
+            return
+        fb = self.node_for(key, weight, groups, owner)
+        if fb is None:
+            return
+        with graph.inserting_before(node):
+            f = self._feedback_attr(graph, key)
+            if is_linear:
+                new = graph.call_function(ops.feedback_linear, (bound["input"], w_node, bound["bias"], f))
+            else:
+                new = graph.call_function(
+                    ops.feedback_conv,
+                    (bound["input"], w_node, bound["bias"], f, bound["stride"], bound["padding"], bound["dilation"], groups),
+                )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    def _rewrite_leaf_call(self, graph: fx.Graph, node: fx.Node, m: nn.Module) -> None:
+        """Weight modules inside a module tracing keeps opaque: intercept their ops."""
+        made_any = False
+        for rel, sub in _hidden_weight_modules(m):
+            key = f"{node.target}.{rel}" if rel else node.target
+            if self.node_for(key, sub.weight, getattr(sub, "groups", 1), sub) is not None:
+                made_any = True
+        if not made_any:
+            return
+        with graph.inserting_before(node):
+            mod = graph.get_attr(node.target)
+            ns = graph.get_attr(NAMESPACE)
+            new = graph.call_function(intercept.call_with_feedback, (mod, ns, node.target, *node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _hidden_weight_modules(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(rel, sub) for rel, sub in m.named_modules() if isinstance(sub, WEIGHT_MODULES)]
+
+
+def _is_param(gm: nn.Module, path: str) -> bool:
+    mod_path, _, name = path.rpartition(".")
+    return name in _get_module(gm, mod_path)._parameters
+
+
+def _get_module(gm: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(path) if path else gm
+    except AttributeError:
+        return None
+
+
+def _source_parameter(gm: nn.Module, w_node: Any, max_depth: int = 12) -> str | None:
+    """The parameter a (possibly computed) weight comes from: the ≥2-D tensor attribute
+    upstream of it, preferring one named like a weight (e.g. StdConv2d's ``weight``
+    over ScaledStdConv2d's ``gain``)."""
+    if not isinstance(w_node, fx.Node):
+        return None
+    found: list[str] = []
+    frontier, seen = [w_node], set()
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                t = _attr(gm, n.target)
+                if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                    found.append(n.target)
+                continue
+            if n.op == "placeholder":
+                continue
+            nxt += [a for a in n.all_input_nodes]
+        frontier = nxt
+        if not frontier:
+            break
+    if not found:
+        return None
+    found = list(dict.fromkeys(found))
+    named = [p for p in found if p.rsplit(".", 1)[-1].endswith("weight")]
+    pool = named or found
+    return max(pool, key=lambda p: _attr(gm, p).numel())
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for item in target.split("."):
+        obj = getattr(obj, item)
+    return obj
+
+
+def _set_path(root: nn.Module, key: str, node: nn.Module) -> None:
+    *parents, leaf = key.split(".")
+    mod = root
+    for p in parents:
+        child = getattr(mod, p, None)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(p, child)
+        mod = child
+    existing = mod._modules.get(leaf)
+    if existing is not None:
+        # a container made earlier for a nested key: keep its children under the node
+        for name, child in existing.named_children():
+            node.add_module(name, child)
+    mod.add_module(leaf, node)
+
+
+# ------------------------------------------------------------------------ public API
+def convert(model: nn.Module, rule: str | Mapping[Any, RuleSpec] = "pfa", *, seed: int = 0, **rule_options: Any) -> ConvertedModule:
+    """Return a copy of ``model`` whose weight ops send errors through feedback weights.
+
+    Args:
+        model: any ``nn.Module`` (torchvision, timm, or your own). It is not modified.
+        rule: a rule name (``"bp"``, ``"fa"``, ``"sf"``, ``"kp"``, ``"pfa"``, ``"pfa-o"``),
+            or a mapping from op-name patterns (``fnmatch``, e.g. ``"layer1.*"``) or
+            module types to a rule name, ``(name, options)`` or ``None`` (op stays native).
+            The first matching entry wins; ops no entry matches stay native.
+        seed: feedback state is drawn from a generator seeded by ``(seed, op name)``:
+            reproducible and identical in every process without communication.
+        **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
+            ``compact=True`` (pfa, pfa-o), ``variant="frsf"`` (sf).
+
+    Returns:
+        A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
+        the same parameter names, and feedback state under ``pfa_feedback.<op name>``.
+
+    Example::
+
+        >>> import torchvision, pfa_fx
+        >>> model = pfa_fx.convert(torchvision.models.resnet18(), rule="pfa", expansion=10)
+        >>> dict(pfa_fx.feedback_modules(model))["fc"].rule
+        'pfa'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes an nn.Module, got {type(model).__qualname__}")
+    if any(isinstance(m, FeedbackNode) for m in model.modules()):
+        raise ConversionError(
+            "this model is already converted (it holds pfa_fx feedback state); convert the "
+            "original model instead of converting twice"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConversionError("TorchScript modules cannot be traced by torch.fx; convert the Python model")
+    _check_spec(rule, rule_options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+    was_training = model.training
+    root = copy.deepcopy(model)
+    root.train(True)
+    train_graph = _trace(root)
+    root.train(False)
+    eval_graph = _trace(root)
+    root.train(was_training)
+    if _same_code(train_graph, eval_graph):
+        eval_graph = train_graph
+
+    name = type(model).__name__
+    gm = ConvertedModule(root, train_graph, eval_graph, name)
+    rewriter = _Rewriter(gm, rule, dict(rule_options), seed)
+    for graph in {id(g): g for g in (train_graph, eval_graph)}.values():
+        rewriter.rewrite(graph)
+    gm.train(was_training)
+    gm.recompile()
+    return gm
+
+
+def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
+    return a.python_code("self").src == b.python_code("self").src
+
+
+def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
+    """Yield ``(op name, node)`` for every converted weight op of ``model``.
+
+    ``node.rule`` is the rule name, ``node.weight`` the forward weight and
+    ``node.feedback_weight()`` the ``W_b`` the backward uses now.
+    """
+    marker = NAMESPACE + "."
+    for name, m in model.named_modules():
+        if isinstance(m, FeedbackNode):
+            i = name.find(marker)
+            yield (name[i + len(marker) :] if i >= 0 else name), m
+
+
+__all__ = ["RULES", "ConversionError", "ConvertedModule", "TraceError", "convert", "feedback_modules"]

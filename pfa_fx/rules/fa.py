@@ -1,0 +1,17 @@
+"""Feedback alignment (Lillicrap et al. 2016): ``W_b = B``, fixed random at W's init scale."""
+
+import torch
+from torch import Tensor
+
+from .base import FeedbackNode, xavier_std
+
+
+class FANode(FeedbackNode):
+    rule = "fa"
+
+    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator):
+        super().__init__(weight, groups=groups, generator=generator)
+        self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape)))
+
+    def build(self, weight: Tensor) -> Tensor:
+        return self.B

@@ -1,0 +1,23 @@
+"""Kolen–Pollack (Akrout et al. 2019): ``W_b = B``, plastic, updated exactly like W.
+
+The op returns ``grad_W`` as B's gradient, so with the same optimizer and weight decay
+``B - W`` decays geometrically and ``B -> W``.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from .base import FeedbackNode, xavier_std
+
+
+class KPNode(FeedbackNode):
+    rule = "kp"
+    plastic = True
+
+    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator):
+        super().__init__(weight, groups=groups, generator=generator)
+        init = self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape))
+        self.B = nn.Parameter(init)
+
+    def build(self, weight: Tensor) -> Tensor:
+        return self.B

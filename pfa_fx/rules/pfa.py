@@ -1,0 +1,114 @@
+"""Product feedback alignment (Li & Benna 2024): ``W_b = B·R`` through an error population.
+
+``B`` (``n_out x n̄`` per group, fixed random) sends the error into ``n̄ = expansion x
+n_out`` units; ``R`` (``n̄ x n_in``, or a full kernel for a conv; plastic) sends it on to
+the layer below. ``R`` learns locally: the op hands ``grad_W`` to ``W_b`` and autograd
+through ``B @ R`` gives ``grad_R = B^T grad_W``. For a conv, ``B`` is a 1x1 channel mix,
+block-diagonal over groups, so feedback never crosses a group.
+
+``compact=True`` keeps ``S`` (W-shaped) with ``G = B B^T`` instead of ``R`` and uses
+``W_b = G·S`` with ``grad_S = grad_W``. Every update to ``R`` lies in the range of ``B^T``,
+so under SGD-family optimizers (momentum, nesterov, dampening, L2 weight decay, any
+schedule) ``G·S`` equals ``B·R`` at every step, with ``|W| + n_out^2`` memory and no
+dependence on the expansion. Under Adam/RMSprop or global gradient clipping it is a
+different rule: use the explicit ``R`` there (DESIGN.md §3).
+
+``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
+decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import FeedbackNode
+
+
+class _StraightThroughProduct(torch.autograd.Function):
+    """``G @ S`` forward; gradient to ``S`` is the incoming gradient itself (compact PFA)."""
+
+    @staticmethod
+    def forward(G: Tensor, S: Tensor) -> Tensor:
+        return torch.bmm(G, S)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, grad
+
+
+class PFANode(FeedbackNode):
+    rule = "pfa"
+    plastic = True
+    options = {"expansion": 10, "compact": False}
+    orthonormal = False
+
+    def __init__(
+        self,
+        weight: Tensor,
+        *,
+        groups: int,
+        generator: torch.Generator,
+        expansion: float = 10,
+        compact: bool = False,
+    ):
+        super().__init__(weight, groups=groups, generator=generator)
+        if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
+            raise TypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
+        if expansion <= 0 or (self.orthonormal and expansion < 1):
+            need = ">= 1 (B needs orthonormal rows)" if self.orthonormal else "> 0"
+            raise ValueError(f"{self.rule}: expansion must be {need}, got {expansion}")
+        self.expansion = expansion
+        self.compact = bool(compact)
+        g = self.groups
+        out_g = weight.shape[0] // g
+        nbar_g = max(1, round(expansion * out_g))
+        self.nbar = nbar_g * g
+
+        B = self._draw_B(g, out_g, nbar_g, generator)  # (g, out_g, nbar_g), float64
+        # R: (n̄, in/g, *k) drawn Xavier-uniform, as the paper's recipe does.
+        r_shape = (self.nbar, *weight.shape[1:])
+        R = torch.empty(r_shape, dtype=torch.float64)
+        nn.init.xavier_uniform_(R, generator=generator)
+        to = {"device": weight.device, "dtype": weight.dtype}
+        if self.compact:
+            G = B @ B.transpose(1, 2)
+            BR = torch.bmm(B, R.reshape(g, nbar_g, -1))
+            S = torch.linalg.solve(G, BR)  # G S0 = B R0, computed in float64
+            self.register_buffer("G", G.to(**to))
+            self.S = nn.Parameter(S.reshape(weight.shape).to(**to))
+        else:
+            self.register_buffer("B", B.to(**to))
+            self.R = nn.Parameter(R.to(**to))
+
+    def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
+        # entries N(0, 1/n̄) per group, so that B B^T ≈ I
+        return torch.randn((g, out_g, nbar_g), generator=generator, dtype=torch.float64) / nbar_g**0.5
+
+    def build(self, weight: Tensor) -> Tensor:
+        g = self.groups
+        if self.compact:
+            S = self.S.reshape(g, self.S.shape[0] // g, -1)
+            return _StraightThroughProduct.apply(self.G, S).reshape(self.weight_shape)
+        R = self.R.reshape(g, self.R.shape[0] // g, -1)
+        return torch.bmm(self.B, R).reshape(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", nbar={self.nbar}"
+
+
+class PFAONode(PFANode):
+    """PFA with orthonormal-row ``B`` (``B B^T = I`` exactly)."""
+
+    rule = "pfa-o"
+    orthonormal = True
+
+    def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
+        gauss = torch.randn((g, nbar_g, out_g), generator=generator, dtype=torch.float64)
+        Q, Rq = torch.linalg.qr(gauss)  # Q: (g, nbar_g, out_g), orthonormal columns
+        Q = Q * torch.sign(torch.diagonal(Rq, dim1=1, dim2=2)).unsqueeze(1)  # unique Q
+        return Q.transpose(1, 2).contiguous()

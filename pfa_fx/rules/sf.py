@@ -1,0 +1,64 @@
+"""Sign-concordant feedback: ``W_b = sign(W) * M`` (Liao et al. 2016; Xiao et al. 2018).
+
+Variants (``variant=``): ``"usf"`` one constant per layer (W's init scale), ``"frsf"``
+fixed random magnitudes, ``"brsf"`` magnitudes redrawn at every forward (batch) from a
+generator seeded by ``(seed, op name, step)``, so every process draws the same.
+"""
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from .base import FeedbackNode, xavier_std
+
+VARIANTS = ("usf", "frsf", "brsf")
+
+
+class SFNode(FeedbackNode):
+    rule = "sf"
+    options = {"variant": "usf"}
+
+    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, variant: str = "usf"):
+        super().__init__(weight, groups=groups, generator=generator)
+        if variant not in VARIANTS:
+            raise ValueError(f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.std = xavier_std(weight.shape)
+        if variant == "frsf":
+            self.register_buffer("M", self.draw(tuple(weight.shape), generator, weight, self.std).abs())
+        elif variant == "brsf":
+            self.step = 0  # batches drawn so far; saved through get_extra_state
+            self._base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self._gen: torch.Generator | None = None
+
+    def get_extra_state(self) -> dict:
+        return {"step": getattr(self, "step", 0)}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.variant == "brsf":
+            self.step = int(state["step"])
+
+    def _batch_magnitudes(self, weight: Tensor, step: int) -> Tensor:
+        if self._gen is None or self._gen.device != weight.device:
+            self._gen = torch.Generator(device=weight.device)
+        digest = hashlib.sha256(f"{self._base_seed}:{step}".encode()).digest()
+        self._gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        m = torch.randn(weight.shape, generator=self._gen, device=weight.device, dtype=weight.dtype)
+        return m.abs_().mul_(self.std)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        self._last_weight = weight.detach()
+        if self.variant == "brsf":
+            step, self.step = self.step, self.step + 1
+            return torch.sign(weight.detach()) * self._batch_magnitudes(weight, step)
+        return self.build(weight)
+
+    def build(self, weight: Tensor) -> Tensor:
+        sign = torch.sign(weight.detach())
+        if self.variant == "usf":
+            return sign * self.std
+        if self.variant == "frsf":
+            return sign * self.M
+        # inspection: the magnitudes the last batch used
+        return sign * self._batch_magnitudes(weight, max(self.step - 1, 0))
