@@ -1,0 +1,257 @@
+"""convert(): identical forwards on real architectures, nothing left on BP, state and
+modes kept, the user's model untouched, clear errors on bad input."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import pfa_fx
+from pfa_fx.audit import weights_on_backprop
+from tests.nets import MLP, Mixed
+
+MODELS = {
+    # name: (factory, input size)
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64),
+    "tv_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 64),
+    "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64), 64),
+    "timm_resnetv2_stdconv": (
+        lambda: timm.models.resnetv2.ResNetV2(
+            layers=(1, 1, 1, 1), num_classes=10, conv_layer=timm.layers.StdConv2d, stem_type="fixed"
+        ),
+        64,
+    ),
+    "timm_tf_efficientnet_conv2dsame": (lambda: timm.create_model("tf_efficientnet_b0", num_classes=10), 64),
+    "timm_nfnet_scaledstdconv": (lambda: timm.create_model("nf_resnet26", num_classes=10), 64),
+}
+
+
+def _logits(out):
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("rule", ["pfa", "sf"])
+def test_forward_is_bit_identical_in_train_and_eval_and_nothing_stays_on_backprop(name, rule):
+    factory, size = MODELS[name]
+    torch.manual_seed(0)
+    model = factory()
+    gm = pfa_fx.convert(model, rule)
+    x = torch.randn(2, 3, size, size)
+    for mode in (False, True):  # train mode last: the audit needs its graph
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(1)
+        ref = model(x)
+        torch.manual_seed(1)
+        out = gm(x)
+        assert torch.equal(_logits(ref), _logits(out)), f"forward changed in {'train' if mode else 'eval'} mode"
+    assert weights_on_backprop(_logits(out).sum(), gm) == []
+    assert len(list(pfa_fx.feedback_modules(gm))) > 0
+
+
+def test_audit_flags_an_unconverted_model():
+    model = MLP()
+    assert weights_on_backprop(model(torch.randn(2, 20)).sum(), model) == ["0.weight", "2.weight", "4.weight"]
+
+
+def test_one_training_step_moves_every_weight_without_standard_backward():
+    torch.manual_seed(0)
+    gm = pfa_fx.convert(torchvision.models.resnet18(num_classes=10), "pfa", expansion=2)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    before = {k: v.detach().clone() for k, v in gm.named_parameters()}
+    loss = nn.functional.cross_entropy(gm(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    assert weights_on_backprop(loss, gm) == []
+    loss.backward()
+    opt.step()
+    moved = {k for k, v in gm.named_parameters() if not torch.equal(v, before[k])}
+    assert moved == set(before)  # weights, biases, BN affine, and every R
+
+
+def test_state_dict_keeps_original_names_and_loads_pretrained_checkpoints():
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = pfa_fx.convert(model, "pfa", expansion=2)
+    keys = set(gm.state_dict())
+    assert set(model.state_dict()) <= keys
+    assert all(k.startswith("pfa_feedback.") for k in keys - set(model.state_dict()))
+    trained = torchvision.models.resnet18(num_classes=10).state_dict()
+    missing, unexpected = gm.load_state_dict(trained, strict=False)
+    assert unexpected == [] and all(k.startswith("pfa_feedback.") for k in missing)
+    for k, v in trained.items():
+        assert torch.equal(gm.state_dict()[k], v)
+
+
+def test_unused_parameters_and_non_persistent_buffers_are_kept_as_they_were():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 2)  # e.g. a head the forward does not use
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) + self.table
+
+    model = Odd()
+    gm = pfa_fx.convert(model, "fa")
+    assert {k for k in gm.state_dict() if not k.startswith("pfa_feedback.")} == set(model.state_dict())
+    assert torch.equal(gm(torch.ones(1, 4)), model(torch.ones(1, 4)))
+
+
+def test_converted_checkpoint_round_trips_exactly():
+    torch.manual_seed(0)
+    model = Mixed()
+    a = pfa_fx.convert(model, "pfa", expansion=2, seed=1)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    a(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    b = pfa_fx.convert(model, "pfa", expansion=2, seed=2)
+    b.load_state_dict(a.state_dict())
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    a(x).sum().backward()
+    ga = x.grad.clone()
+    x.grad = None
+    b(x).sum().backward()
+    assert torch.equal(ga, x.grad)
+
+
+def test_convert_never_modifies_the_model():
+    model = torchvision.models.resnet18(num_classes=10).train()
+    before = copy.deepcopy(model.state_dict())
+    structure = repr(model)
+    gm = pfa_fx.convert(model, "kp")
+    gm(torch.randn(2, 3, 32, 32)).sum().backward()
+    torch.optim.SGD(gm.parameters(), lr=1.0).step()
+    gm.eval()
+    assert model.training and repr(model) == structure
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+class TrainingBranch(nn.Module):
+    """Forward that branches on self.training, like auxiliary or distillation heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 6)
+        self.aux = nn.Linear(6, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h)
+
+
+def test_graph_follows_the_models_mode():
+    model = TrainingBranch()
+    gm = pfa_fx.convert(model, "pfa")
+    x = torch.randn(3, 6)
+    out_train = gm.train()(x)
+    assert isinstance(out_train, tuple)
+    assert all(torch.equal(a, b) for a, b in zip(out_train, model.train()(x)))
+    assert torch.equal(gm.eval()(x), model.eval()(x))
+    assert "aux" in dict(pfa_fx.feedback_modules(gm))
+    # the mode at conversion is kept
+    assert not pfa_fx.convert(model.eval(), "fa").training
+
+
+def test_googlenet_aux_heads_in_training_mode():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False)
+    gm = pfa_fx.convert(model, "fa")
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    ref = model.train()(x)
+    torch.manual_seed(0)
+    out = gm.train()(x)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert weights_on_backprop(sum(o.sum() for o in out), gm) == []
+    assert torch.equal(model.eval()(x), gm.eval()(x))
+
+
+def test_deepcopy_keeps_both_modes_and_state():
+    gm = pfa_fx.convert(TrainingBranch(), "pfa")
+    twin = copy.deepcopy(gm)
+    x = torch.randn(2, 6)
+    assert isinstance(twin.train()(x), tuple) and not isinstance(twin.eval()(x), tuple)
+    for (k, v), (k2, v2) in zip(gm.state_dict().items(), twin.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    node = dict(pfa_fx.feedback_modules(twin))["body"]
+    assert node.weight.data_ptr() == twin.body.weight.data_ptr()
+
+
+def test_rule_mapping_keeps_chosen_ops_on_bp_or_native():
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = pfa_fx.convert(model, {"conv1": "bp", "fc": None, nn.Conv2d: ("pfa", {"expansion": 2})})
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    assert nodes["conv1"].rule == "bp"
+    assert "fc" not in nodes
+    assert nodes["layer1.0.conv1"].rule == "pfa" and nodes["layer1.0.conv1"].expansion == 2
+    loss = gm(torch.randn(2, 3, 32, 32)).sum()
+    assert weights_on_backprop(loss, gm) == ["fc.weight"]
+
+
+def test_glob_patterns_select_ops_by_name():
+    gm = pfa_fx.convert(torchvision.models.resnet18(), {"layer4.*": "fa", "*": "kp"})
+    rules = {k: n.rule for k, n in pfa_fx.feedback_modules(gm)}
+    assert rules["layer4.1.conv2"] == "fa" and rules["layer1.0.conv1"] == "kp" and rules["fc"] == "kp"
+
+
+def test_alignment_reports_angle_and_norm_ratio_per_op():
+    gm = pfa_fx.convert(MLP(), "bp")
+    for angle, ratio in pfa_fx.alignment(gm).values():
+        assert angle == pytest.approx(0.0, abs=1e-3) and ratio == pytest.approx(1.0)
+    al = pfa_fx.alignment(pfa_fx.convert(MLP((400, 300, 10)), "fa"))
+    assert all(80 < a < 100 for a, _ in al.values())
+
+
+# ----------------------------------------------------------------------- bad input
+def test_unknown_rule_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown rule 'pfb'.*bp, fa, sf, kp, pfa, pfa-o"):
+        pfa_fx.convert(MLP(), "pfb")
+    with pytest.raises(ValueError, match="unknown rule"):
+        pfa_fx.convert(MLP(), {"*": "dfa"})
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option 'expnasion'.*compact, expansion"):
+        pfa_fx.convert(MLP(), "pfa", expnasion=4)
+    with pytest.raises(ValueError, match=r"unknown option 'expansion' for rule\(s\) fa; valid options: none"):
+        pfa_fx.convert(MLP(), "fa", expansion=4)
+    with pytest.raises(ValueError, match="valid variants: usf, frsf, brsf"):
+        pfa_fx.convert(MLP(), "sf", variant="xsf")
+
+
+def test_non_module_raises_type_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        pfa_fx.convert(lambda x: x, "fa")
+
+
+def test_converting_twice_refuses_clearly():
+    gm = pfa_fx.convert(MLP(), "fa")
+    with pytest.raises(pfa_fx.ConversionError, match="already converted"):
+        pfa_fx.convert(gm, "pfa")
+    with pytest.raises(pfa_fx.ConversionError, match="already converted"):
+        pfa_fx.convert(nn.Sequential(gm, nn.ReLU()), "pfa")
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return -x
+
+
+def test_untraceable_model_names_the_module_at_fault():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), DataDependent()))
+    with pytest.raises(pfa_fx.TraceError, match=r"module '1\.1' \(.*DataDependent\)"):
+        pfa_fx.convert(model, "fa")
