@@ -1,0 +1,110 @@
+"""Where users run it: dtypes, bf16 autocast, torch.compile, channels_last, .to()."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import pfa_fx
+from tests.nets import MLP, Mixed
+
+
+def _grads(model, x):
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    named = model.named_parameters()
+    return x.grad, {k.removeprefix("_orig_mod."): p.grad for k, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bp_rule_matches_native_gradients_in_each_dtype(dtype):
+    model = Mixed().to(dtype)
+    gm = pfa_fx.convert(model, "bp")
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    gx, gp = _grads(model, x)
+    hx, hp = _grads(gm, x)
+    assert torch.equal(gx, hx)
+    for k, g in gp.items():
+        assert torch.equal(g, hp[k]), k
+
+
+def test_bf16_autocast_forward_equals_native_autocast_and_grads_are_fp32():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = pfa_fx.convert(model, "pfa", expansion=2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        out = gm(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(gm(x), torch.arange(2))
+    loss.backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_bp_rule_under_bf16_autocast_matches_native_autocast_gradients():
+    model = MLP()
+    gm = pfa_fx.convert(model, "bp")
+    x = torch.randn(4, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gx, gp = _grads(model, x)
+        hx, hp = _grads(gm, x)
+    assert torch.equal(gx, hx)
+    for k in gp:
+        torch.testing.assert_close(gp[k], hp[k], rtol=0, atol=0)
+
+
+def test_channels_last_model_matches_and_keeps_its_layout():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    gm = pfa_fx.convert(model, "pfa", expansion=2)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    assert torch.equal(gm(x), model(x))
+    xg = x.clone().requires_grad_()
+    gm(xg).sum().backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_to_moves_feedback_state_with_the_model():
+    gm = pfa_fx.convert(Mixed(), "pfa", expansion=2).to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in gm.state_dict().values() if t.is_floating_point())
+    node = dict(pfa_fx.feedback_modules(gm))["conv"]
+    assert node.weight.dtype == torch.float64  # the reference follows the moved parameter
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    gm(x).sum().backward()
+    assert x.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("rule", ["fa", "pfa"])
+def test_torch_compile_gives_the_same_forward_and_gradients(rule):
+    torch.manual_seed(0)
+    model = Mixed()
+    gm = pfa_fx.convert(model, rule, **({"expansion": 2} if rule == "pfa" else {}))
+    compiled = torch.compile(gm, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(compiled(x), gm(x), rtol=1e-6, atol=1e-6)
+    gx, gp = _grads(gm, x)
+    cx, cp = _grads(compiled, x)
+    torch.testing.assert_close(cx, gx, rtol=1e-5, atol=1e-6)
+    for k in gp:
+        torch.testing.assert_close(cp[k], gp[k], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_inductor_on_cpu_trains_without_graph_breaks():
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    gm = pfa_fx.convert(MLP(), "pfa", expansion=2)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(torch.randn(4, 20))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(gm)
+    x = torch.randn(4, 20)
+    ref_x, ref = _grads(gm, x)
+    cx, cp = _grads(compiled, x)
+    torch.testing.assert_close(cx, ref_x, rtol=1e-4, atol=1e-5)
+    for k in ref:
+        torch.testing.assert_close(cp[k], ref[k], rtol=1e-4, atol=1e-5)
