@@ -225,7 +225,9 @@ def _check_spec(spec: Any, options: Mapping[str, Any]) -> None:
                 names.append(value[0])
                 _check_options(value[0], value[1], [value[0]])
             else:
-                raise ConversionError(f"rule for {pattern!r} must be a rule name, (name, options) or None; got {value!r}")
+                raise ConversionError(
+                    f"rule for {pattern!r} must be a rule name, (name, options) or None; got {value!r}"
+                )
     else:
         raise ConversionError(f"rule must be a rule name or a mapping of patterns to rules, got {spec!r}")
     for name in names:
@@ -242,9 +244,7 @@ def _check_options(owner: str | None, options: Mapping[str, Any], names: list[st
             raise ConversionError(f"unknown option {opt!r} for {which}; valid options: {listed}")
 
 
-def _make_node(
-    rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str
-) -> FeedbackNode:
+def _make_node(rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str) -> FeedbackNode:
     cls = rule_class(rule)
     accepted = {k: v for k, v in opts.items() if k in cls.options}
     return cls(weight, groups=groups, generator=seeded_generator(seed, key), **accepted)
@@ -311,9 +311,7 @@ class _Rewriter:
                     # nn.Conv*d pads explicitly for these modes, then convolves unpadded
                     x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
                     padding = 0
-                new = graph.call_function(
-                    ops.feedback_conv, (x, w, b, f, m.stride, padding, m.dilation, m.groups)
-                )
+                new = graph.call_function(ops.feedback_conv, (x, w, b, f, m.stride, padding, m.dilation, m.groups))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -350,7 +348,16 @@ class _Rewriter:
             else:
                 new = graph.call_function(
                     ops.feedback_conv,
-                    (bound["input"], w_node, bound["bias"], f, bound["stride"], bound["padding"], bound["dilation"], groups),
+                    (
+                        bound["input"],
+                        w_node,
+                        bound["bias"],
+                        f,
+                        bound["stride"],
+                        bound["padding"],
+                        bound["dilation"],
+                        groups,
+                    ),
                 )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -368,7 +375,9 @@ class _Rewriter:
         with graph.inserting_before(node):
             mod = graph.get_attr(node.target)
             ns = graph.get_attr(NAMESPACE)
-            new = graph.call_function(intercept.call_with_feedback, (mod, ns, node.target, *node.args), dict(node.kwargs))
+            new = graph.call_function(
+                intercept.call_with_feedback, (mod, ns, node.target, *node.args), dict(node.kwargs)
+            )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -448,7 +457,9 @@ def _set_path(root: nn.Module, key: str, node: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------ public API
-def convert(model: nn.Module, rule: str | Mapping[Any, RuleSpec] = "pfa", *, seed: int = 0, **rule_options: Any) -> ConvertedModule:
+def convert(
+    model: nn.Module, rule: str | Mapping[Any, RuleSpec] = "pfa", *, seed: int = 0, **rule_options: Any
+) -> ConvertedModule:
     """Return a copy of ``model`` whose weight ops send errors through feedback weights.
 
     Args:

@@ -41,8 +41,7 @@ def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
     )
 
 
@@ -67,7 +66,7 @@ class _FeedbackLinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, weight_b = inputs
+        x, _, bias, weight_b = inputs
         ctx.save_for_backward(x, weight_b)
         ctx.has_bias = bias is not None
 
@@ -104,7 +103,7 @@ class _FeedbackConv(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, weight_b, stride, padding, dilation, groups = inputs
+        x, _, bias, weight_b, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, weight_b)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)

@@ -1,5 +1,7 @@
 """Small models exercising every op family the pass rewrites."""
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +37,7 @@ class Mixed(nn.Module):
         x = F.relu(self.grouped(x))
         x = F.relu(self.depthwise(x))
         x = self.std(x)  # (n, 8, h, w)
-        n, c, h, w = x.shape
+        n, _c, _h, _w = x.shape
         seq = self.conv1d(x.flatten(2))  # (n, 4, h*w)
         vol = self.conv3d(seq.unsqueeze(1)[:, :, :, :4].reshape(n, 1, 4, 4, -1))
         t = self.tokens(seq.transpose(1, 2))  # linear on 3-D input
@@ -46,6 +48,6 @@ class Mixed(nn.Module):
 class MLP(nn.Sequential):
     def __init__(self, sizes=(20, 16, 12, 4)):
         layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU()]
         super().__init__(*layers[:-1])

@@ -232,7 +232,7 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 def test_non_module_raises_type_error():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         pfa_fx.convert(lambda x: x, "fa")
 
 

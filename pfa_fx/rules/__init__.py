@@ -10,9 +10,7 @@ from .pfa import PFANode, PFAONode
 from .sf import SFNode
 
 #: rule name -> node class
-RULES: dict[str, type[FeedbackNode]] = {
-    cls.rule: cls for cls in (BPNode, FANode, SFNode, KPNode, PFANode, PFAONode)
-}
+RULES: dict[str, type[FeedbackNode]] = {cls.rule: cls for cls in (BPNode, FANode, SFNode, KPNode, PFANode, PFAONode)}
 
 
 def rule_class(name: str) -> type[FeedbackNode]:

@@ -19,8 +19,13 @@ decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base import FeedbackNode
 
@@ -41,10 +46,39 @@ class _StraightThroughProduct(torch.autograd.Function):
         return None, grad
 
 
+_SGD_EXACT = (torch.optim.SGD,)
+_checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook_handle = None
+
+
+def _warn_if_not_sgd(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step pre-hook: compact PFA state is exact only under SGD-family updates."""
+    if optimizer in _checked_optimizers:
+        return
+    compact = any(getattr(p, "_pfa_compact", False) for g in optimizer.param_groups for p in g["params"])
+    _checked_optimizers[optimizer] = True
+    if compact and not isinstance(optimizer, _SGD_EXACT):
+        warnings.warn(
+            f"{type(optimizer).__name__} is stepping compact PFA feedback state (compact=True). "
+            "The compact state G·S equals the explicit B·R only under SGD (with any momentum, "
+            "nesterov, dampening, L2 weight decay and lr schedule), because SGD is linear in the "
+            "gradient; adaptive optimizers rescale S's gradient elementwise, which leaves the range "
+            "of B^T. Use pfa_fx.convert(..., compact=False) (explicit R) with this optimizer.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _watch_optimizers() -> None:
+    global _hook_handle
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_warn_if_not_sgd)
+
+
 class PFANode(FeedbackNode):
     rule = "pfa"
     plastic = True
-    options = {"expansion": 10, "compact": False}
+    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False}
     orthonormal = False
 
     def __init__(
@@ -81,6 +115,8 @@ class PFANode(FeedbackNode):
             S = torch.linalg.solve(G, BR)  # G S0 = B R0, computed in float64
             self.register_buffer("G", G.to(**to))
             self.S = nn.Parameter(S.reshape(weight.shape).to(**to))
+            self.S._pfa_compact = True  # lets the optimizer hook recognise compact state
+            _watch_optimizers()
         else:
             self.register_buffer("B", B.to(**to))
             self.R = nn.Parameter(R.to(**to))

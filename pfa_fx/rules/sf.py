@@ -6,6 +6,7 @@ generator seeded by ``(seed, op name, step)``, so every process draws the same.
 """
 
 import hashlib
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ VARIANTS = ("usf", "frsf", "brsf")
 
 class SFNode(FeedbackNode):
     rule = "sf"
-    options = {"variant": "usf"}
+    options: ClassVar[dict[str, Any]] = {"variant": "usf"}
 
     def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, variant: str = "usf"):
         super().__init__(weight, groups=groups, generator=generator)
