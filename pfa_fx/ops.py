@@ -85,10 +85,40 @@ class _FeedbackLinear(torch.autograd.Function):
         return grad_x, grad_w if need_w else None, grad_b, grad_w if need_wb else None
 
 
+class _PopulationLinear(torch.autograd.Function):
+    """PFA as the paper describes it (reference-style, for comparison and as an oracle):
+    the error population ``ē = e B`` is materialized over the batch."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, R: Tensor, B: Tensor) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _, bias, R, B = inputs
+        ctx.save_for_backward(x, R, B)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        x, R, B = ctx.saved_tensors
+        e2, x2 = e.reshape(-1, e.shape[-1]), x.reshape(-1, x.shape[-1])
+        ebar = e2.mm(B[0])  # (batch, n̄)
+        grad_x = ebar.mm(R).reshape(x.shape)
+        grad_w = e2.t().mm(x2) if ctx.needs_input_grad[1] else None
+        grad_b = e2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_R = ebar.t().mm(x2) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_b, grad_R, None
+
+
 def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward uses ``node``'s feedback weight."""
     if not _wants_grad(x, weight, bias, *node.parameters()):
         return F.linear(x, weight, bias)
+    if getattr(node, "population", False):
+        x, weight, bias, R, B = _autocast_inputs(x, weight, bias, node.R, node.B)
+        with torch.autocast(x.device.type, enabled=False):
+            return _PopulationLinear.apply(x, weight, bias, R, B)
     weight_b = node(weight)
     x, weight, bias, weight_b = _autocast_inputs(x, weight, bias, weight_b)
     with torch.autocast(x.device.type, enabled=False):
@@ -129,6 +159,51 @@ class _FeedbackConv(torch.autograd.Function):
             [need_x, need_w or need_wb, need_b and ctx.bias_sizes is not None],
         )
         return grad_x, grad_w if need_w else None, grad_b, grad_w if need_wb else None, None, None, None, None
+
+
+class _PopulationConv(torch.autograd.Function):
+    """Reference-style PFA for convolutions: ``ē`` (n̄ channels) materialized over the batch
+    by a 1x1 channel mix with ``B``, then carried down by the full kernel ``R``."""
+
+    @staticmethod
+    def forward(x, weight, bias, R, B, stride, padding, dilation, groups):
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _, bias, R, B, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, R, B)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.weight_shape = inputs[1].shape
+
+    @staticmethod
+    def backward(ctx, e: Tensor):
+        x, R, B = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        n, c = e.shape[:2]
+        spatial = e.shape[2:]
+        eg = e.reshape(n, groups, c // groups, -1)
+        ebar = torch.einsum("ngos,gok->ngks", eg, B).reshape(n, -1, *spatial)
+        zeros = [0] * len(stride)
+        need_x, need_w, need_b, need_R = ctx.needs_input_grad[:4]
+        grad_x, grad_R, _ = torch.ops.aten.convolution_backward(
+            ebar, x, R, None, stride, padding, dilation, False, zeros, groups, [need_x, need_R, False]
+        )
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            e,
+            x,
+            R.new_empty(ctx.weight_shape),
+            ctx.bias_sizes,
+            stride,
+            padding,
+            dilation,
+            False,
+            zeros,
+            groups,
+            [False, need_w, need_b and ctx.bias_sizes is not None],
+        )
+        return grad_x, grad_w, grad_b, grad_R, None, None, None, None, None
 
 
 def _same_padding(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> tuple[Tensor, list[int]]:
@@ -177,6 +252,10 @@ def feedback_conv(
         else:
             raise ValueError(f"padding must be 'valid', 'same' or numbers, got {padding!r}")
     padding = list(tup(padding))
+    if getattr(node, "population", False):
+        x, weight, bias, R, B = _autocast_inputs(x, weight, bias, node.R, node.B)
+        with torch.autocast(x.device.type, enabled=False):
+            return _PopulationConv.apply(x, weight, bias, R, B, stride, padding, dilation, groups)
     weight_b = _match_layout(node(weight), weight)
     x, weight, bias, weight_b = _autocast_inputs(x, weight, bias, weight_b)
     with torch.autocast(x.device.type, enabled=False):

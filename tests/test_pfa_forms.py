@@ -1,6 +1,7 @@
-"""PFA three ways, one trajectory: the paper's population form (explicit error units ē,
+"""PFA four ways, one trajectory: the paper's population form (explicit error units ē,
 written here as the oracle), the product form (explicit R, W_b = B·R built once per
-step) and the compact SGD-exact state (W_b = G·S). DESIGN.md §3."""
+step), the compact SGD-exact state (W_b = G·S), and the library's own population form
+(``population=True``, kept for benchmarks). DESIGN.md §3."""
 
 import copy
 
@@ -118,18 +119,20 @@ def test_population_product_and_compact_forms_give_the_same_trajectory(variant, 
     net = _net()
     product = pfa_fx.convert(net, rule, expansion=3, seed=4)
     compact = pfa_fx.convert(net, rule, expansion=3, seed=4, compact=True)
+    library_population = pfa_fx.convert(net, rule, expansion=3, seed=4, population=True)
     population = PopulationNet(net, dict(pfa_fx.feedback_modules(product)))
-    for model in (population, product, compact):
+    for model in (population, product, compact, library_population):
         _train(model, 30, SGD_VARIANTS[variant], data)
     nodes_p = dict(pfa_fx.feedback_modules(product))
     nodes_c = dict(pfa_fx.feedback_modules(compact))
+    nodes_l = dict(pfa_fx.feedback_modules(library_population))
     for k in ("0", "2", "5"):
         W_pop = population.net[int(k)].weight.detach()
-        for other in (product, compact):
+        for other in (product, compact, library_population):
             W = getattr(other, k).weight.detach()
             assert (W - W_pop).norm() <= 1e-9 * W_pop.norm()
         Wb_pop = population.feedback(k)
-        for node in (nodes_p[k], nodes_c[k]):
+        for node in (nodes_p[k], nodes_c[k], nodes_l[k]):
             assert (node.feedback_weight() - Wb_pop).norm() <= 1e-9 * Wb_pop.norm()
     # and the rule really differs from BP: the feedback is not the weight
     assert (nodes_p["2"].feedback_weight() - nodes_p["2"].weight).norm() > 0.05 * nodes_p["2"].weight.norm()

@@ -13,6 +13,10 @@ schedule) ``G·S`` equals ``B·R`` at every step, with ``|W| + n_out^2`` memory 
 dependence on the expansion. Under Adam/RMSprop or global gradient clipping it is a
 different rule: use the explicit ``R`` there (DESIGN.md §3).
 
+``population=True`` runs the backward as the paper describes it, materializing ``ē``
+over the batch (what the reference implementation does): same updates as the product
+form, at several times its cost. It is kept for comparison in benchmarks and as an oracle.
+
 ``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
 decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``.
 """
@@ -78,7 +82,7 @@ def _watch_optimizers() -> None:
 class PFANode(FeedbackNode):
     rule = "pfa"
     plastic = True
-    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False}
+    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "population": False}
     orthonormal = False
 
     def __init__(
@@ -89,6 +93,7 @@ class PFANode(FeedbackNode):
         generator: torch.Generator,
         expansion: float = 10,
         compact: bool = False,
+        population: bool = False,
     ):
         super().__init__(weight, groups=groups, generator=generator)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
@@ -98,6 +103,10 @@ class PFANode(FeedbackNode):
             raise ValueError(f"{self.rule}: expansion must be {need}, got {expansion}")
         self.expansion = expansion
         self.compact = bool(compact)
+        # reference-style backward that materializes ē over the batch (slow; for comparison)
+        self.population = bool(population)
+        if self.compact and self.population:
+            raise ValueError(f"{self.rule}: compact=True and population=True are different forms; pick one")
         g = self.groups
         out_g = weight.shape[0] // g
         nbar_g = max(1, round(expansion * out_g))
