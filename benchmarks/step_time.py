@@ -48,8 +48,9 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "kp": ("kp", {}),
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
     "pfa": ("pfa", {"expansion": 10}),
+    "pfa-product": ("pfa", {"expansion": 10, "route": "product"}),
     "pfa-x1": ("pfa", {"expansion": 1}),
-    "pfa-population": ("pfa", {"expansion": 10, "population": True}),
+    "pfa-population": ("pfa", {"expansion": 10, "route": "population"}),
 }
 
 

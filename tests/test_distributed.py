@@ -20,7 +20,10 @@ RULES = ["pfa", "kp", "sf"]
 
 def _data():
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(8, 20, generator=gen, dtype=torch.float64), torch.randint(0, 4, (8,), generator=gen)) for _ in range(STEPS)]
+    return [
+        (torch.randn(8, 20, generator=gen, dtype=torch.float64), torch.randint(0, 4, (8,), generator=gen))
+        for _ in range(STEPS)
+    ]
 
 
 def _model(rule):

@@ -1,7 +1,7 @@
-"""PFA four ways, one trajectory: the paper's population form (explicit error units ē,
-written here as the oracle), the product form (explicit R, W_b = B·R built once per
-step), the compact SGD-exact state (W_b = G·S), and the library's own population form
-(``population=True``, kept for benchmarks). DESIGN.md §3."""
+"""PFA five ways, one trajectory: the paper's population form (explicit error units ē,
+written here independently as the oracle), and the library's explicit R and compact S
+states, each through both backward routes (product: W_b built once per step; population:
+the error mixed per position). DESIGN.md §3."""
 
 import copy
 
@@ -117,25 +117,25 @@ def test_population_product_and_compact_forms_give_the_same_trajectory(variant, 
         (torch.randn(6, 3, 8, 8, generator=gen, dtype=DT), torch.randint(0, 5, (6,), generator=gen)) for _ in range(5)
     ]
     net = _net()
-    product = pfa_fx.convert(net, rule, expansion=3, seed=4)
-    compact = pfa_fx.convert(net, rule, expansion=3, seed=4, compact=True)
-    library_population = pfa_fx.convert(net, rule, expansion=3, seed=4, population=True)
-    population = PopulationNet(net, dict(pfa_fx.feedback_modules(product)))
-    for model in (population, product, compact, library_population):
+    forms = {
+        f"{state}-{route}": pfa_fx.convert(net, rule, expansion=3, seed=4, compact=state == "compact", route=route)
+        for state in ("explicit", "compact")
+        for route in ("product", "population")
+    }
+    population = PopulationNet(net, dict(pfa_fx.feedback_modules(forms["explicit-product"])))
+    for model in (population, *forms.values()):
         _train(model, 30, SGD_VARIANTS[variant], data)
-    nodes_p = dict(pfa_fx.feedback_modules(product))
-    nodes_c = dict(pfa_fx.feedback_modules(compact))
-    nodes_l = dict(pfa_fx.feedback_modules(library_population))
     for k in ("0", "2", "5"):
         W_pop = population.net[int(k)].weight.detach()
-        for other in (product, compact, library_population):
-            W = getattr(other, k).weight.detach()
-            assert (W - W_pop).norm() <= 1e-9 * W_pop.norm()
         Wb_pop = population.feedback(k)
-        for node in (nodes_p[k], nodes_c[k], nodes_l[k]):
-            assert (node.feedback_weight() - Wb_pop).norm() <= 1e-9 * Wb_pop.norm()
+        for name, model in forms.items():
+            W = getattr(model, k).weight.detach()
+            assert (W - W_pop).norm() <= 1e-9 * W_pop.norm(), name
+            node = dict(pfa_fx.feedback_modules(model))[k]
+            assert (node.feedback_weight() - Wb_pop).norm() <= 1e-9 * Wb_pop.norm(), name
     # and the rule really differs from BP: the feedback is not the weight
-    assert (nodes_p["2"].feedback_weight() - nodes_p["2"].weight).norm() > 0.05 * nodes_p["2"].weight.norm()
+    node = dict(pfa_fx.feedback_modules(forms["explicit-product"]))["2"]
+    assert (node.feedback_weight() - node.weight).norm() > 0.05 * node.weight.norm()
 
 
 def test_compact_pfa_o_is_kolen_pollack_started_from_B_R0():
@@ -162,6 +162,10 @@ def test_compact_state_warns_under_adaptive_optimizers_and_is_not_exact_there():
     data = [(torch.randn(6, 3, 8, 8, dtype=DT), torch.randint(0, 5, (6,)))]
     product = pfa_fx.convert(net, "pfa", expansion=3)
     compact = pfa_fx.convert(net, "pfa", expansion=3, compact=True)
+    assert torch.allclose(
+        dict(pfa_fx.feedback_modules(product))["2"].feedback_weight(),
+        dict(pfa_fx.feedback_modules(compact))["2"].feedback_weight(),
+    )
     opt = torch.optim.Adam(compact.parameters(), lr=1e-2)
     F.cross_entropy(compact(data[0][0]), data[0][1]).backward()
     with pytest.warns(UserWarning, match="only under SGD"):
@@ -183,3 +187,15 @@ def test_compact_state_under_sgd_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+def test_auto_route_picks_the_cheaper_backward_for_the_shape():
+    big_kernel = pfa_fx.convert(nn.Conv2d(512, 512, 3), "pfa", expansion=10)
+    node = next(n for _, n in pfa_fx.feedback_modules(big_kernel))
+    assert node.choose_route(positions=128) == "population"  # last ResNet stage on 32 px images
+    assert node.choose_route(positions=128 * 56 * 56) == "product"  # an early stage at 224 px
+    compact = next(n for _, n in pfa_fx.feedback_modules(pfa_fx.convert(nn.Conv2d(512, 512, 3), "pfa", compact=True)))
+    assert compact.choose_route(positions=128) == "population"
+    assert compact.choose_route(positions=128 * 7 * 7) == "product"
+    with pytest.raises(ValueError, match="valid routes: auto, product, population"):
+        pfa_fx.convert(nn.Linear(3, 3), "pfa", route="fast")

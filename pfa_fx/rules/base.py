@@ -1,9 +1,12 @@
 """The feedback node every rule builds on, and the shared helpers for drawing state.
 
-A :class:`FeedbackNode` owns one weight op's feedback state and builds ``W_b`` from it.
-The feedback op (``pfa_fx.ops``) calls ``node(W)`` inside autograd and hands ``grad_W``
-back as the gradient of the returned ``W_b``; autograd through the few lines of
-``build`` then gives each plastic rule its local update (DESIGN.md §2).
+A :class:`FeedbackNode` owns one weight op's feedback state. The feedback op calls
+``node.backward`` with the error ``e``; the default builds ``W_b = feedback_from(W, state)``
+and runs BP's own fused backward call with ``W_b`` in W's place, so ``grad_W`` and
+``grad_b`` come out exactly as BP's, and hands ``grad_W`` to :meth:`state_grads` for the
+rule's local update (KP: ``grad_B = grad_W``; PFA: ``grad_R = B^T grad_W``).
+``W_b`` is built in the backward, so nothing beyond BP's own tensors is kept between
+forward and backward (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -55,13 +58,34 @@ class FeedbackNode(nn.Module):
         self._last_weight: Tensor | None = None
 
     # -- what the op calls -------------------------------------------------------------
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return ``W_b`` for the forward weight ``weight`` (autograd reaches plastic state)."""
-        self._last_weight = weight.detach()
-        return self.build(weight)
+    def state(self) -> tuple[Tensor, ...]:
+        """Tensors the op passes through autograd for this step (trainable state receives
+        the gradients :meth:`state_grads` returns)."""
+        return ()
 
-    def build(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        """``W_b`` from the forward weight and this step's state."""
         raise NotImplementedError
+
+    def state_grads(self, grad_weight: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """Gradients of the state tensors, given the (unchanged) weight gradient. Plastic
+        rules whose ``W_b`` is a state tensor itself (KP) get ``grad_W`` as is."""
+        return tuple(grad_weight if t.requires_grad else None for t in state)
+
+    def backward(self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any):
+        """The op's backward: ``(grad_x, grad_W, grad_b, state grads)``. The default builds
+        ``W_b`` and makes BP's own fused call with it in W's place; rules with a cheaper
+        route for some shapes (PFA) override it."""
+        weight_b = self.feedback_from(weight, state)
+        gx, gw, gb = family.fused(e, x, weight_b, need.x, need.w or need.state, need.b)
+        return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
+
+    def inspect_state(self) -> tuple[Tensor, ...]:
+        """The state :meth:`feedback_weight` reports (the last step's, without advancing)."""
+        return self.state()
+
+    def note_weight(self, weight: Tensor) -> None:
+        self._last_weight = weight.detach()
 
     # -- public inspection API ---------------------------------------------------------
     @property
@@ -74,7 +98,7 @@ class FeedbackNode(nn.Module):
     @torch.no_grad()
     def feedback_weight(self) -> Tensor:
         """``W_b``, the weight the backward pass uses now; W's shape."""
-        return self.build(self.weight).detach()
+        return self.feedback_from(self.weight, self.inspect_state()).detach()
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)

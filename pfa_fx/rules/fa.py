@@ -13,5 +13,8 @@ class FANode(FeedbackNode):
         super().__init__(weight, groups=groups, generator=generator)
         self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape)))
 
-    def build(self, weight: Tensor) -> Tensor:
-        return self.B
+    def state(self) -> tuple[Tensor, ...]:
+        return (self.B,)
+
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        return state[0]

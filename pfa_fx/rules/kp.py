@@ -19,5 +19,8 @@ class KPNode(FeedbackNode):
         init = self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape))
         self.B = nn.Parameter(init)
 
-    def build(self, weight: Tensor) -> Tensor:
-        return self.B
+    def state(self) -> tuple[Tensor, ...]:
+        return (self.B,)
+
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        return state[0]

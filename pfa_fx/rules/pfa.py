@@ -13,9 +13,12 @@ schedule) ``G·S`` equals ``B·R`` at every step, with ``|W| + n_out^2`` memory 
 dependence on the expansion. Under Adam/RMSprop or global gradient clipping it is a
 different rule: use the explicit ``R`` there (DESIGN.md §3).
 
-``population=True`` runs the backward as the paper describes it, materializing ``ē``
-over the batch (what the reference implementation does): same updates as the product
-form, at several times its cost. It is kept for comparison in benchmarks and as an oracle.
+Two exact routes compute the backward; ``route="auto"`` (default) picks per layer and
+shape the one with fewer multiply-adds beyond BP's own backward: ``"product"`` builds
+``W_b`` once per step (no batch dimension; cheap where batch x positions is large) and
+``"population"`` mixes the error into ``ē`` at every position, as the paper describes
+and the reference implementation does (cheap where few positions remain, e.g. the last
+stage of a ResNet on small images). Both give the same gradients.
 
 ``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
 decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``.
@@ -23,6 +26,7 @@ decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, ClassVar
@@ -34,22 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .base import FeedbackNode
 
 
-class _StraightThroughProduct(torch.autograd.Function):
-    """``G @ S`` forward; gradient to ``S`` is the incoming gradient itself (compact PFA)."""
-
-    @staticmethod
-    def forward(G: Tensor, S: Tensor) -> Tensor:
-        return torch.bmm(G, S)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return None, grad
-
-
+ROUTES = ("auto", "product", "population")
 _SGD_EXACT = (torch.optim.SGD,)
 _checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _hook_handle = None
@@ -82,7 +71,7 @@ def _watch_optimizers() -> None:
 class PFANode(FeedbackNode):
     rule = "pfa"
     plastic = True
-    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "population": False}
+    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "route": "auto"}
     orthonormal = False
 
     def __init__(
@@ -93,7 +82,7 @@ class PFANode(FeedbackNode):
         generator: torch.Generator,
         expansion: float = 10,
         compact: bool = False,
-        population: bool = False,
+        route: str = "auto",
     ):
         super().__init__(weight, groups=groups, generator=generator)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
@@ -103,10 +92,9 @@ class PFANode(FeedbackNode):
             raise ValueError(f"{self.rule}: expansion must be {need}, got {expansion}")
         self.expansion = expansion
         self.compact = bool(compact)
-        # reference-style backward that materializes ē over the batch (slow; for comparison)
-        self.population = bool(population)
-        if self.compact and self.population:
-            raise ValueError(f"{self.rule}: compact=True and population=True are different forms; pick one")
+        if route not in ROUTES:
+            raise ValueError(f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
+        self.route = route
         g = self.groups
         out_g = weight.shape[0] // g
         nbar_g = max(1, round(expansion * out_g))
@@ -134,13 +122,59 @@ class PFANode(FeedbackNode):
         # entries N(0, 1/n̄) per group, so that B B^T ≈ I
         return torch.randn((g, out_g, nbar_g), generator=generator, dtype=torch.float64) / nbar_g**0.5
 
-    def build(self, weight: Tensor) -> Tensor:
+    # -- the op's backward -------------------------------------------------------------
+    def state(self) -> tuple[Tensor, ...]:
+        return (self.S,) if self.compact else (self.R,)
+
+    def _mixer(self) -> Tensor:
+        """The fixed channel mix of the feedback path: ``G`` (compact) or ``B``."""
+        return self.G if self.compact else self.B
+
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        (T,) = state  # S or R
+        M = self._mixer().to(T.dtype)
         g = self.groups
+        return torch.bmm(M, T.reshape(g, T.shape[0] // g, -1)).reshape(self.weight_shape)
+
+    def state_grads(self, grad_weight: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         if self.compact:
-            S = self.S.reshape(g, self.S.shape[0] // g, -1)
-            return _StraightThroughProduct.apply(self.G, S).reshape(self.weight_shape)
-        R = self.R.reshape(g, self.R.shape[0] // g, -1)
-        return torch.bmm(self.B, R).reshape(self.weight_shape)
+            return (grad_weight,)  # grad_S = grad_W: G·S then moves exactly as B·R would
+        g = self.groups
+        B = self.B.to(grad_weight.dtype)
+        grad_R = torch.bmm(B.transpose(1, 2), grad_weight.reshape(g, grad_weight.shape[0] // g, -1))
+        return (grad_R.reshape(state[0].shape),)
+
+    def choose_route(self, positions: int) -> str:
+        """``"product"`` (build ``W_b`` once, no batch dimension) or ``"population"`` (mix the
+        error through the population, per batch position): whichever costs fewer
+        multiply-adds beyond BP's own backward for this shape."""
+        if self.route != "auto":
+            return self.route
+        n_out = self.weight_shape[0]
+        fan = math.prod(self.weight_shape[1:])
+        width = n_out // self.groups if self.compact else self.nbar // self.groups
+        if self.compact:
+            # G·S once vs. G^T e at every position
+            return "population" if positions * n_out * width < n_out * width * fan else "product"
+        product = 2 * n_out * width * fan  # B·R and B^T grad_W
+        population = positions * (n_out * width + 2 * self.nbar * fan - n_out * fan)  # ē, then R's conv
+        return "population" if population < product else "product"
+
+    def backward(self, family, e, x, weight, state, need):
+        (T,) = state
+        if self.choose_route(family.positions(e)) == "product":
+            return super().backward(family, e, x, weight, state, need)
+        M = self._mixer().to(e.dtype)
+        # the error population: ē = B^T e (or G^T e), per position and group
+        ebar = family.mix(e, M)
+        if self.compact:
+            gx = family.fused(ebar, x, T, need.x, False, False)[0]
+            _, gw, gb = family.fused(e, x, weight, False, need.w or need.state, need.b)
+            return gx, gw, gb, (gw if need.state else None,)
+        # R carries ē down and learns from ē ⊗ x: both from one call
+        gx, gR, _ = family.fused(ebar, x, T, need.x, need.state, False)
+        _, gw, gb = family.fused(e, x, weight, False, need.w, need.b)
+        return gx, gw, gb, (gR,)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nbar={self.nbar}"

@@ -48,18 +48,22 @@ class SFNode(FeedbackNode):
         m = torch.randn(weight.shape, generator=self._gen, device=weight.device, dtype=weight.dtype)
         return m.abs_().mul_(self.std)
 
-    def forward(self, weight: Tensor) -> Tensor:
-        self._last_weight = weight.detach()
-        if self.variant == "brsf":
+    def state(self) -> tuple[Tensor, ...]:
+        if self.variant == "brsf":  # fresh magnitudes for this batch
+            weight = self.weight
             step, self.step = self.step, self.step + 1
-            return torch.sign(weight.detach()) * self._batch_magnitudes(weight, step)
-        return self.build(weight)
+            return (self._batch_magnitudes(weight, step),)
+        if self.variant == "frsf":
+            return (self.M,)
+        return ()
 
-    def build(self, weight: Tensor) -> Tensor:
-        sign = torch.sign(weight.detach())
+    def inspect_state(self) -> tuple[Tensor, ...]:
+        if self.variant == "brsf":
+            return (self._batch_magnitudes(self.weight, max(self.step - 1, 0)),)
+        return self.state()
+
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        sign = torch.sign(weight)
         if self.variant == "usf":
             return sign * self.std
-        if self.variant == "frsf":
-            return sign * self.M
-        # inspection: the magnitudes the last batch used
-        return sign * self._batch_magnitudes(weight, max(self.step - 1, 0))
+        return sign * state[0]
