@@ -97,9 +97,9 @@ class Variant:
                 pass
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                loss = F.cross_entropy(self.model(x), y)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(self.model(x), y)
         self.saved = sum(saved.values())
         loss.backward()
         self.opt.zero_grad(set_to_none=True)

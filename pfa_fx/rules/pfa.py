@@ -37,7 +37,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base import FeedbackNode
 
-
 ROUTES = ("auto", "product", "population")
 _SGD_EXACT = (torch.optim.SGD,)
 _checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
