@@ -7,6 +7,7 @@ weights. Rules: ``bp``, ``fa``, ``sf``, ``kp``, ``pfa``, ``pfa-o``.
 
 from .convert import ConversionError, ConvertedModule, TraceError, convert, feedback_modules
 from .metrics import alignment, angle_and_norm_ratio
+from .report import ConversionReport, report
 from .rules import RULES, FeedbackNode
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RULES",
     "ConversionError",
+    "ConversionReport",
     "ConvertedModule",
     "FeedbackNode",
     "TraceError",
@@ -21,4 +23,5 @@ __all__ = [
     "angle_and_norm_ratio",
     "convert",
     "feedback_modules",
+    "report",
 ]

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import math
-from collections.abc import Iterator, Mapping
-from typing import Any, Union
+import types
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 _PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 _LINEAR_FNS = {F.linear}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -77,13 +81,14 @@ class FeedbackTracer(fx.Tracer):
     functions, stamps each node with the module path it came from, and names the
     module at fault when tracing fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_paths: Iterable[str] = ()) -> None:
         leaves, functions, modules = _notrace_from_libraries()
         super().__init__(autowrap_modules=modules, autowrap_functions=functions)
         self.extra_leaves = leaves
+        self.leaf_paths = set(leaf_paths)  # modules that failed to trace: kept opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.extra_leaves):
+        if isinstance(m, self.extra_leaves) or qualname in self.leaf_paths:
             return True
         if isinstance(m, WEIGHT_MODULES):
             return is_plain_weight_module(m)
@@ -100,24 +105,35 @@ class FeedbackTracer(fx.Tracer):
         except TraceError:
             raise
         except Exception as exc:
-            path = self.path_of_module(m) or "<root>"
-            raise TraceError(
+            path = self.path_of_module(m)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            err = TraceError(
                 f"torch.fx cannot trace module '{path}' ({type(m).__module__}.{type(m).__qualname__}): "
-                f"{type(exc).__name__}: {exc}. Register it as a leaf (timm.layers.register_notrace_module) "
-                "or keep it on BP with a rule mapping."
-            ) from exc
+                f"{reason}. Register it as a leaf (timm.layers.register_notrace_module), keep it on BP "
+                "with a rule mapping, or let convert() fall back (fallback=True)."
+            )
+            err.path, err.reason = path, reason
+            raise err from exc
 
 
-def _trace(model: nn.Module) -> fx.Graph:
-    try:
-        return FeedbackTracer().trace(model)
-    except TraceError:
-        raise
-    except Exception as exc:
-        raise TraceError(
-            f"torch.fx cannot trace the forward of '{type(model).__qualname__}' (the root module): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+def _trace(model: nn.Module, leaf_paths: dict[str, str], fallback: bool) -> fx.Graph:
+    """Trace ``model``; with ``fallback``, a submodule that cannot be traced becomes an
+    opaque leaf (recorded in ``leaf_paths`` with the reason) and tracing starts over."""
+    while True:
+        try:
+            return FeedbackTracer(leaf_paths).trace(model)
+        except TraceError as err:
+            path = getattr(err, "path", "")
+            if not fallback or not path or path in leaf_paths:
+                raise
+            leaf_paths[path] = err.reason
+        except Exception as exc:
+            err = TraceError(
+                f"torch.fx cannot trace the forward of '{type(model).__qualname__}' (the root module): "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.path, err.reason = "", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise err from exc
 
 
 # ------------------------------------------------------------------- the graph module
@@ -254,13 +270,18 @@ def _make_node(rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: in
 class _Rewriter:
     """Holds what one conversion shares between its two graphs: one node per weight."""
 
-    def __init__(self, gm: ConvertedModule, spec, options: dict[str, Any], seed: int):
-        self.gm, self.spec, self.options, self.seed = gm, spec, options, seed
+    def __init__(self, gm: ConvertedModule, root: nn.Module, spec, options: dict[str, Any], seed: int):
+        # root: the traced copy, whose module types the GraphModule's copied paths may lack
+        self.gm, self.root, self.spec, self.options, self.seed = gm, root, spec, options, seed
         self.namespace = nn.Module()
         gm.add_module(NAMESPACE, self.namespace)
         self.made: dict[str, FeedbackNode | None] = {}
+        self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
+        self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
 
-    def node_for(self, key: str, weight: torch.Tensor, groups: int, owner: nn.Module | None) -> FeedbackNode | None:
+    def node_for(
+        self, key: str, weight: torch.Tensor, groups: int, owner: nn.Module | None, path: str = "graph"
+    ) -> FeedbackNode | None:
         if key in self.made:
             node = self.made[key]
             if node is not None and tuple(weight.shape) != node.weight_shape:
@@ -271,7 +292,11 @@ class _Rewriter:
         if resolved is not None:
             rule, opts = resolved
             node = _make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key)
+            node.conversion_path = path
+            node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
             _set_path(self.namespace, key, node)
+        else:
+            self.kept_native.add(key)
         self.made[key] = node
         return node
 
@@ -283,10 +308,16 @@ class _Rewriter:
                 m = self.gm.get_submodule(node.target)
                 if is_plain_weight_module(m):
                     self._rewrite_module_call(graph, node, m)
-                elif _hidden_weight_modules(m):
-                    self._rewrite_leaf_call(graph, node, m)
+                elif hidden := _hidden_weights(m, node.target):
+                    self._rewrite_opaque_call(graph, node, hidden)
             elif node.op == "call_function" and (node.target in _LINEAR_FNS or node.target in _CONV_FNS):
                 self._rewrite_function_call(graph, node, used_keys)
+            elif (
+                node.op == "call_function"
+                and inspect.isfunction(node.target)
+                and (hidden := _weights_passed_to(self.root, node))
+            ):
+                self._rewrite_opaque_call(graph, node, hidden)
         graph.eliminate_dead_code()
         graph.lint()
 
@@ -328,15 +359,17 @@ class _Rewriter:
         w_node = bound["weight"]
         param_path = _source_parameter(self.gm, w_node)
         scope = node.meta.get("pfa_scope", "")
-        owner = _get_module(self.gm, scope)
+        owner = _get_module(self.root, scope)
         if param_path is None:
             # weight not derived from a parameter (e.g. computed from the input): its shape
             # is unknown before a forward, so it stays on BP and the report says so.
+            self.skipped[f"{scope}:{node.name}"] = "weight is not computed from a parameter"
             return
         weight = self.gm.get_parameter(param_path) if _is_param(self.gm, param_path) else self.gm.get_buffer(param_path)
         key = param_path[: -len(".weight")] if param_path.endswith(".weight") else param_path
         groups = bound.get("groups", 1)
         if not isinstance(groups, int):
+            self.skipped[key] = "groups is computed at run time"
             return
         fb = self.node_for(key, weight, groups, owner)
         if fb is None:
@@ -363,28 +396,66 @@ class _Rewriter:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-    def _rewrite_leaf_call(self, graph: fx.Graph, node: fx.Node, m: nn.Module) -> None:
-        """Weight modules inside a module tracing keeps opaque: intercept their ops."""
-        made_any = False
-        for rel, sub in _hidden_weight_modules(m):
-            key = f"{node.target}.{rel}" if rel else node.target
-            if self.node_for(key, sub.weight, getattr(sub, "groups", 1), sub) is not None:
-                made_any = True
-        if not made_any:
+    def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[_Hidden]) -> None:
+        """Weights used inside code tracing keeps opaque: route their ops at run time."""
+        path = "opaque module" if node.op == "call_module" else "opaque function"
+        routes = [(h.param_path, h.key) for h in hidden if self.node_for(h.key, h.weight, h.groups, h.owner, path)]
+        if not routes:
             return
         with graph.inserting_before(node):
-            mod = graph.get_attr(node.target)
+            pairs = tuple((graph.get_attr(path), key) for path, key in routes)
             ns = graph.get_attr(NAMESPACE)
-            new = graph.call_function(
-                intercept.call_with_feedback, (mod, ns, node.target, *node.args), dict(node.kwargs)
-            )
+            if node.op == "call_module":
+                args = (graph.get_attr(node.target), ns, pairs, *node.args)
+                new = graph.call_function(intercept.call_with_feedback, args, dict(node.kwargs))
+            else:
+                new = graph.call_function(intercept.routed(node.target), (ns, pairs, *node.args), dict(node.kwargs))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
 
-def _hidden_weight_modules(m: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(rel, sub) for rel, sub in m.named_modules() if isinstance(sub, WEIGHT_MODULES)]
+class _Hidden(NamedTuple):
+    param_path: str
+    key: str
+    weight: torch.Tensor
+    groups: int
+    owner: nn.Module
+
+
+def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
+    """Weight-op weights inside a module that stays opaque: Linear/Conv weights and
+    ``nn.MultiheadAttention``'s input projections."""
+    found = []
+    for rel, sub in m.named_modules():
+        base = ".".join(p for p in (path, rel) if p)
+        prefix = f"{base}." if base else ""
+        if isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
+            found.append(_Hidden(f"{prefix}weight", base or "weight", sub.weight, getattr(sub, "groups", 1), sub))
+        if isinstance(sub, nn.MultiheadAttention):
+            for name in _MHA_WEIGHTS:
+                p = getattr(sub, name, None)
+                if isinstance(p, torch.Tensor):
+                    found.append(_Hidden(f"{prefix}{name}", f"{prefix}{name}", p, 1, sub))
+    return found
+
+
+def _weights_passed_to(gm: nn.Module, node: fx.Node) -> list[_Hidden]:
+    """Weight-op weights handed as arguments to an opaque (FX-wrapped) function."""
+    found: list[_Hidden] = []
+    for arg in node.all_input_nodes:
+        if arg.op != "get_attr":
+            continue
+        mod_path, _, name = arg.target.rpartition(".")
+        owner = _get_module(gm, mod_path)
+        if owner is None:
+            continue
+        if (isinstance(owner, WEIGHT_MODULES) and name == "weight") or (
+            isinstance(owner, nn.MultiheadAttention) and name in _MHA_WEIGHTS
+        ):
+            key = mod_path if name == "weight" else arg.target
+            found.append(_Hidden(arg.target, key, _attr(gm, arg.target), getattr(owner, "groups", 1), owner))
+    return found
 
 
 def _is_param(gm: nn.Module, path: str) -> bool:
@@ -458,8 +529,14 @@ def _set_path(root: nn.Module, key: str, node: nn.Module) -> None:
 
 # ------------------------------------------------------------------------ public API
 def convert(
-    model: nn.Module, rule: str | Mapping[Any, RuleSpec] = "pfa", *, seed: int = 0, **rule_options: Any
-) -> ConvertedModule:
+    model: nn.Module,
+    rule: str | Mapping[Any, RuleSpec] = "pfa",
+    *,
+    seed: int = 0,
+    fallback: bool = True,
+    strict: bool = False,
+    **rule_options: Any,
+) -> nn.Module:
     """Return a copy of ``model`` whose weight ops send errors through feedback weights.
 
     Args:
@@ -470,12 +547,21 @@ def convert(
             The first matching entry wins; ops no entry matches stay native.
         seed: feedback state is drawn from a generator seeded by ``(seed, op name)``:
             reproducible and identical in every process without communication.
+        fallback: where torch.fx cannot trace a submodule (data-dependent control flow),
+            keep that submodule opaque and intercept its weight ops at run time, with a
+            warning; where even the model's own forward cannot be traced, return the
+            model's own class with its forward run under interception. ``False`` raises
+            :class:`TraceError` naming the module at fault instead.
+        strict: raise :class:`ConversionError` if any Linear/Conv/attention weight would
+            stay on BP (other than ops the rule mapping keeps native on purpose).
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
-            ``compact=True`` (pfa, pfa-o), ``variant="frsf"`` (sf).
+            ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf).
 
     Returns:
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
-        the same parameter names, and feedback state under ``pfa_feedback.<op name>``.
+        the same parameter names, and feedback state under ``pfa_feedback.<op name>``;
+        or, for a model whose forward cannot be traced at all (``fallback=True``), a copy
+        of the model itself whose forward intercepts its weight ops.
 
     Example::
 
@@ -496,25 +582,94 @@ def convert(
     _check_spec(rule, rule_options)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if any(name == NAMESPACE for name, _ in model.named_children()):
+        raise ConversionError(f"the model already has a child named {NAMESPACE!r}, the feedback namespace")
 
     was_training = model.training
     root = copy.deepcopy(model)
-    root.train(True)
-    train_graph = _trace(root)
-    root.train(False)
-    eval_graph = _trace(root)
+    leaf_paths: dict[str, str] = {}
+    try:
+        root.train(True)
+        train_graph = _trace(root, leaf_paths, fallback)
+        root.train(False)
+        eval_graph = _trace(root, leaf_paths, fallback)
+        if leaf_paths:  # a leaf found in eval mode must be a leaf in train mode too
+            root.train(True)
+            train_graph = _trace(root, leaf_paths, fallback)
+    except TraceError as err:
+        if not fallback:
+            raise
+        warnings.warn(
+            f"pfa_fx: {err} The whole forward runs eagerly instead, with every Linear/Conv/attention "
+            "weight op intercepted at run time (no GraphModule).",
+            stacklevel=2,
+        )
+        root.train(was_training)
+        return _convert_eagerly(root, rule, rule_options, seed, err.reason, strict)
     root.train(was_training)
+    for path, reason in leaf_paths.items():
+        m = root.get_submodule(path)
+        warnings.warn(
+            f"pfa_fx: module '{path}' ({type(m).__qualname__}) cannot be traced by torch.fx ({reason}); "
+            "it runs as one opaque call whose weight ops are intercepted at run time.",
+            stacklevel=2,
+        )
     if _same_code(train_graph, eval_graph):
         eval_graph = train_graph
 
-    name = type(model).__name__
-    gm = ConvertedModule(root, train_graph, eval_graph, name)
-    rewriter = _Rewriter(gm, rule, dict(rule_options), seed)
+    gm = ConvertedModule(root, train_graph, eval_graph, type(model).__name__)
+    rewriter = _Rewriter(gm, root, rule, dict(rule_options), seed)
     for graph in {id(g): g for g in (train_graph, eval_graph)}.values():
         rewriter.rewrite(graph)
     gm.train(was_training)
     gm.recompile()
+    gm.pfa_fallbacks = dict(leaf_paths)
+    gm.pfa_kept_native = sorted(rewriter.kept_native)
+    gm.pfa_skipped = dict(rewriter.skipped)
+    _check_strict(root, gm, strict)
     return gm
+
+
+def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Forward of a model converted without a graph: the class's own forward, with every
+    routed weight op made feedback-aware at run time."""
+    namespace = getattr(self, NAMESPACE)
+    routes = tuple((self.get_parameter(path), key) for path, key in self.pfa_routes)
+    return intercept.call_with_feedback(
+        lambda *a, **k: type(self).forward(self, *a, **k), namespace, routes, *args, **kwargs
+    )
+
+
+def _convert_eagerly(
+    root: nn.Module, spec: Any, options: Mapping[str, Any], seed: int, reason: str, strict: bool
+) -> nn.Module:
+    """Fallback for a model whose own forward cannot be traced: keep its class, add the
+    feedback namespace, and run its forward under weight-op interception."""
+    rewriter = _Rewriter(root, root, spec, dict(options), seed)
+    routes = []
+    for h in _hidden_weights(root, ""):
+        if rewriter.node_for(h.key, h.weight, h.groups, h.owner, "eager") is not None:
+            routes.append((h.param_path, h.key))
+    root.pfa_routes = tuple(routes)
+    root.pfa_fallbacks = {"": reason}
+    root.pfa_kept_native = sorted(rewriter.kept_native)
+    root.pfa_skipped = {}
+    root.forward = types.MethodType(_eager_forward, root)
+    _check_strict(root, root, strict)
+    return root
+
+
+def _check_strict(root: nn.Module, converted: nn.Module, strict: bool) -> None:
+    """With ``strict``, every weight-op weight must have feedback or be kept on BP on purpose."""
+    if not strict:
+        return
+    problems = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()]
+    made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
+    for h in _hidden_weights(root, ""):
+        if h.key not in made and not h.key.startswith(NAMESPACE):
+            problems.append(f"{h.param_path}: never reached by a converted op")
+    if problems:
+        raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
 
 
 def _same_code(a: fx.Graph, b: fx.Graph) -> bool:

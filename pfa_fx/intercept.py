@@ -1,16 +1,20 @@
-"""Weight ops inside modules that tracing keeps opaque.
+"""Weight ops the FX graph cannot see.
 
-Some modules must stay leaves of the FX graph (timm registers e.g. ``Conv2dSame`` and
-``MobileVitBlock`` because their forwards compute padding or shapes in Python). Their
-``call_module`` node becomes ``call_with_feedback(module, ...)``, which runs the module's
-own forward under a ``TorchFunctionMode`` that routes each ``F.linear`` / ``F.conv*d``
-call to the feedback op of the weight module it belongs to: the one whose weight is the
-argument, or (for computed weights such as weight standardization) the one whose weight
-the argument was computed from, found by walking the autograd graph.
+Some code must stay opaque to tracing: modules timm registers as leaves (``Conv2dSame``,
+``MobileVitBlock``, ...), torch's ``nn.MultiheadAttention`` (its packed input projection
+is a bare parameter), and functions wrapped for FX that receive weights as arguments
+(torchvision Swin's ``shifted_window_attention``). Their graph node becomes
+``call_with_feedback(target, namespace, routes, *args)``: it runs the original code with
+a ``TorchFunctionMode`` that routes each ``F.linear`` / ``F.conv*d`` call whose weight is
+(or was computed from, e.g. by weight standardization) a routed parameter to the
+feedback op of that parameter's node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,11 +28,13 @@ from .rules.base import FeedbackNode
 _LINEAR = {F.linear, torch._C._nn.linear}
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_PATCHED = ("linear", "conv1d", "conv2d", "conv3d")
 
 
-def _source_param(weight: Tensor, params: dict[int, Any], max_nodes: int = 64) -> Any:
-    """The known parameter ``weight`` was computed from, by walking its ``grad_fn`` graph."""
-    hit = params.get(id(weight))
+def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int = 64) -> FeedbackNode | None:
+    """The node of the routed parameter ``weight`` is, or was computed from (found by
+    walking its ``grad_fn`` graph)."""
+    hit = routes.get(id(weight))
     if hit is not None or weight.grad_fn is None:
         return hit
     frontier, seen = [weight.grad_fn], 0
@@ -36,10 +42,51 @@ def _source_param(weight: Tensor, params: dict[int, Any], max_nodes: int = 64) -
         fn = frontier.pop(0)
         seen += 1
         var = getattr(fn, "variable", None)
-        if var is not None and id(var) in params:
-            return params[id(var)]
+        if var is not None and id(var) in routes:
+            return routes[id(var)]
         frontier += [nxt for nxt, _ in fn.next_functions if nxt is not None]
     return None
+
+
+def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
+    names = ("input", "weight", "bias") if func in _LINEAR else _CONV_ARGS
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    weight = bound.get("weight")
+    node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
+    if node is None or tuple(weight.shape) != node.weight_shape:
+        return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
+    if func in _LINEAR:
+        return ops.feedback_linear(bound["input"], weight, bound.get("bias"), node)
+    return ops.feedback_conv(
+        bound["input"],
+        weight,
+        bound.get("bias"),
+        node,
+        bound.get("stride", 1),
+        bound.get("padding", 0),
+        bound.get("dilation", 1),
+        bound.get("groups", 1),
+    )
+
+
+@contextlib.contextmanager
+def _functional_patched(routes: dict[int, FeedbackNode]) -> Iterator[None]:
+    """Inside a composite function that dispatched to the mode (which is then off, e.g.
+    ``F.multi_head_attention_forward``), route its calls of ``F.linear``/``F.conv*d``,
+    which it looks up as module globals."""
+    saved = {name: getattr(F, name) for name in _PATCHED}
+
+    def patch(orig: Callable) -> Callable:
+        return lambda *a, **k: _route_call(orig, a, k, routes)
+
+    try:
+        for name, orig in saved.items():
+            setattr(F, name, patch(orig))
+        yield
+    finally:
+        for name, orig in saved.items():
+            setattr(F, name, orig)
 
 
 class _RouteWeightOps(TorchFunctionMode):
@@ -50,43 +97,37 @@ class _RouteWeightOps(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _LINEAR or func in _CONV:
-            names = ("input", "weight", "bias") if func in _LINEAR else _CONV_ARGS
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
-            weight = bound.get("weight")
-            node = _source_param(weight, self.routes) if isinstance(weight, Tensor) else None
-            if node is not None and tuple(weight.shape) == node.weight_shape:
-                if func in _LINEAR:
-                    return ops.feedback_linear(bound["input"], weight, bound.get("bias"), node)
-                return ops.feedback_conv(
-                    bound["input"],
-                    weight,
-                    bound.get("bias"),
-                    node,
-                    bound.get("stride", 1),
-                    bound.get("padding", 0),
-                    bound.get("dilation", 1),
-                    bound.get("groups", 1),
-                )
+            return _route_call(func, args, kwargs, self.routes)
+        if inspect.isfunction(func):  # a Python composite: its inner calls must be seen too
+            with _functional_patched(self.routes):
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-def call_with_feedback(module: nn.Module, namespace: nn.Module, path: str, *args: Any, **kwargs: Any) -> Any:
-    """Run ``module`` (at ``path`` in the converted model) with its weight ops made
-    feedback-aware by the nodes under ``namespace``."""
-    routes: dict[int, FeedbackNode] = {}
-    for rel, sub in module.named_modules():
-        w = getattr(sub, "weight", None)
-        if not isinstance(w, Tensor):
-            continue
-        key = f"{path}.{rel}" if rel else path
-        try:
-            node = namespace.get_submodule(key)
-        except AttributeError:
-            continue
-        if isinstance(node, FeedbackNode):
-            routes[id(w)] = node
-    if not routes or not torch.is_grad_enabled():
-        return module(*args, **kwargs)
-    with _RouteWeightOps(routes):
-        return module(*args, **kwargs)
+_ROUTED: dict[Callable, Callable] = {}
+
+
+def routed(fn: Callable) -> Callable:
+    """``fn`` as a graph target taking ``(namespace, routes, *args)``: the FX code then
+    reads ``<fn>_with_feedback(...)`` (a function cannot be a graph argument)."""
+    wrapper = _ROUTED.get(fn)
+    if wrapper is None:
+
+        def wrapper(namespace: nn.Module, routes: tuple, /, *args: Any, **kwargs: Any) -> Any:
+            return call_with_feedback(fn, namespace, routes, *args, **kwargs)
+
+        wrapper.__name__ = wrapper.__qualname__ = f"{fn.__name__}_with_feedback"
+        _ROUTED[fn] = wrapper
+    return wrapper
+
+
+def call_with_feedback(
+    target: nn.Module | Callable, namespace: nn.Module, routes: tuple[tuple[Tensor, str], ...], /, *args, **kwargs
+) -> Any:
+    """Run ``target(*args, **kwargs)`` with the weight ops on the routed parameters made
+    feedback-aware; ``routes`` pairs each parameter with its node's path in ``namespace``."""
+    if not torch.is_grad_enabled():
+        return target(*args, **kwargs)
+    table = {id(param): namespace.get_submodule(key) for param, key in routes}
+    with _RouteWeightOps(table):
+        return target(*args, **kwargs)

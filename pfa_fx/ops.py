@@ -30,7 +30,9 @@ from torch.nn.modules.utils import _ntuple
 
 from .rules.base import FeedbackNode
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Bound once: pfa_fx.intercept may patch torch.nn.functional's names while opaque code runs.
+_LINEAR = torch._C._nn.linear
+_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
 
 class Need(NamedTuple):
@@ -69,6 +71,13 @@ def _match_layout(kernel: Tensor, like: Tensor) -> Tensor:
     return kernel
 
 
+def _not_a_view(out: Tensor) -> Tensor:
+    # linear on N-D input returns a view of its 2-D result; a custom Function's view
+    # output could not be modified in place (e.g. by ReLU(inplace=True)) afterwards.
+    # _unsafe_view is what matmul itself uses for the same reason.
+    return torch.ops.aten._unsafe_view(out, out.shape) if out.dim() > 2 else out
+
+
 # ----------------------------------------------------------------------------- linear
 class LinearFamily:
     """Backward building blocks of ``y = x W^T + b`` (channels last)."""
@@ -97,7 +106,7 @@ class LinearFamily:
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, node, *state):
-        return F.linear(x, weight, bias)
+        return _not_a_view(_LINEAR(x, weight, bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -118,7 +127,7 @@ class _FeedbackLinear(torch.autograd.Function):
 def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward uses ``node``'s feedback weight."""
     if not _wants_grad(x, weight, bias, *node.parameters()):
-        return F.linear(x, weight, bias)
+        return _LINEAR(x, weight, bias)
     node.note_weight(weight)
     x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
     with torch.autocast(x.device.type, enabled=False):

@@ -251,7 +251,157 @@ class DataDependent(nn.Module):
         return -x
 
 
-def test_untraceable_model_names_the_module_at_fault():
+def test_untraceable_model_names_the_module_at_fault_without_fallback():
     model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), DataDependent()))
     with pytest.raises(pfa_fx.TraceError, match=r"module '1\.1' \(.*DataDependent\)"):
-        pfa_fx.convert(model, "fa")
+        pfa_fx.convert(model, "fa", fallback=False)
+
+
+class GatedBlock(nn.Module):
+    """A block with data-dependent control flow around its own weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+def test_untraceable_submodule_falls_back_to_interception_with_a_warning():
+    model = nn.Sequential(nn.Linear(4, 4), GatedBlock(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"module '1' \(GatedBlock\) cannot be traced"):
+        gm = pfa_fx.convert(model, "pfa", expansion=2)
+    assert isinstance(gm, torch.fx.GraphModule) and set(gm.pfa_fallbacks) == {"1"}
+    paths = {op.name: op.path for op in pfa_fx.report(gm).ops}
+    assert paths == {"0": "graph", "1.a": "opaque module", "1.b": "opaque module", "2": "graph"}
+    for sign in (1.0, -1.0):  # both branches
+        x = sign * torch.rand(3, 4) + sign
+        assert torch.equal(gm(x), model(x))
+        assert weights_on_backprop(gm(x).sum(), gm) == []
+
+
+def test_untraceable_root_falls_back_to_an_eager_forward_with_every_op_converted():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        conv = pfa_fx.convert(model, "kp")
+    assert type(conv) is nn.TransformerEncoder and conv.pfa_fallbacks.keys() == {""}
+    assert all(op.path == "eager" for op in pfa_fx.report(conv).ops) and len(pfa_fx.report(conv).ops) == 8
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    ref = model(x)
+    torch.manual_seed(0)
+    out = conv(x)
+    assert torch.equal(ref, out)
+    assert weights_on_backprop(out.sum(), conv) == []
+    assert not hasattr(model, "pfa_routes") and model.forward.__func__ is nn.TransformerEncoder.forward
+
+
+def test_strict_mode_raises_when_a_weight_would_stay_on_backprop():
+    class DynamicWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            w = x.t() @ x  # a weight computed from the input: no parameter to hang feedback on
+            return torch.nn.functional.linear(self.fc(x), w)
+
+    pfa_fx.convert(DynamicWeight(), "fa")  # not strict: converts what it can
+    with pytest.raises(pfa_fx.ConversionError, match=r"(?s)strict=True.*not computed from a parameter"):
+        pfa_fx.convert(DynamicWeight(), "fa", strict=True)
+    pfa_fx.convert(MLP(), {"0": None, "*": "fa"}, strict=True)  # kept native on purpose: fine
+
+
+def test_report_lists_ops_and_explains_parameters_left_alone():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    rep = pfa_fx.report(pfa_fx.convert(model, {"head": None, "*": "pfa"}))
+    names = {op.name: op for op in rep.ops}
+    assert names["blocks.0.attn.qkv"].kind == "linear" and names["patch_embed.proj"].kind == "conv2d"
+    assert rep.kept_native == ["head"]
+    reasons = {p.name: p.reason for p in rep.left_alone}
+    assert set(reasons) == {"cls_token", "pos_embed"}
+    assert "positional" in reasons["pos_embed"]
+    assert "blocks.0.attn.qkv" in str(rep)
+
+
+# ------------------------------------------------------------- weights hidden from the graph
+def test_multihead_attention_projections_are_converted_and_forward_identical():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True), 2)
+    gm = pfa_fx.convert(model, "pfa", expansion=2)
+    names = set(dict(pfa_fx.feedback_modules(gm)))
+    assert "layers.0.self_attn.in_proj_weight" in names and "layers.1.self_attn.out_proj" in names
+    assert "layers.0.linear1" in names
+    x = torch.randn(3, 5, 16)
+    for mode in (False, True):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(0)
+        ref = model(x)
+        torch.manual_seed(0)
+        out = gm(x)
+        assert torch.equal(ref, out)
+    assert weights_on_backprop(out.sum(), gm) == []
+
+
+def test_attention_routes_the_packed_projection_through_its_feedback():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    gm = pfa_fx.convert(Wrap(), "bp")
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gm(x1).square().sum().backward()
+    mha(x2, x2, x2, need_weights=False)[0].square().sum().backward()
+    assert torch.equal(x1.grad, x2.grad)  # bp through the routed ops is autograd exactly
+    assert torch.equal(gm.attn.in_proj_weight.grad, mha.in_proj_weight.grad)
+
+
+@torch.fx.wrap
+def _window_attention(x, qkv_weight, proj_weight, qkv_bias):
+    # like torchvision's shifted_window_attention: an FX-wrapped function handed weights
+    q, k, v = torch.nn.functional.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
+    att = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    return torch.nn.functional.linear(att, proj_weight)
+
+
+class WindowBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return _window_attention(x, self.qkv.weight, self.proj.weight, self.qkv.bias)
+
+
+def test_weights_handed_to_fx_wrapped_functions_are_converted():
+    model = WindowBlock()
+    gm = pfa_fx.convert(model, "kp")
+    assert set(dict(pfa_fx.feedback_modules(gm))) == {"qkv", "proj"}
+    assert "_window_attention_with_feedback" in gm.code
+    x = torch.randn(2, 4, 8)
+    out = gm(x)
+    assert torch.equal(out, model(x))
+    assert weights_on_backprop(out.sum(), gm) == []
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_swin_and_vit_from_torchvision_convert_completely():
+    for name, size in (("swin_t", 64), ("vit_b_32", 224)):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, num_classes=10).eval()
+        gm = pfa_fx.convert(model, "fa")
+        x = torch.randn(1, 3, size, size)
+        assert torch.equal(gm(x), model(x)), name
+        gm.train()
+        assert weights_on_backprop(gm(x).sum(), gm) == [], name
