@@ -6,7 +6,7 @@ weights. Rules: ``bp``, ``fa``, ``sf``, ``kp``, ``pfa``, ``pfa-o``.
 """
 
 from .convert import ConversionError, ConvertedModule, TraceError, convert, feedback_modules
-from .metrics import alignment, angle_and_norm_ratio
+from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
 from .report import ConversionReport, report
 from .rules import RULES, FeedbackNode
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RULES",
+    "AlignmentLogger",
     "ConversionError",
     "ConversionReport",
     "ConvertedModule",
@@ -21,7 +22,9 @@ __all__ = [
     "TraceError",
     "alignment",
     "angle_and_norm_ratio",
+    "backprop_mode",
     "convert",
     "feedback_modules",
+    "gradient_alignment",
     "report",
 ]

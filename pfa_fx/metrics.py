@@ -1,8 +1,13 @@
-"""Alignment between the forward weights and the feedback weights of a converted model."""
+"""Alignment metrics: feedback vs forward weights, rule updates vs BP's, and a logger."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,3 +33,102 @@ def alignment(model: nn.Module) -> dict[str, tuple[float, float]]:
     PFA-o, with ``W_b = B·R``, it is the path alignment.
     """
     return {name: angle_and_norm_ratio(node.weight, node.feedback_weight()) for name, node in feedback_modules(model)}
+
+
+@contextlib.contextmanager
+def backprop_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block, every converted op of ``model`` backpropagates with ``W`` itself
+    (and leaves the rule's state untouched): the BP reference on the same weights."""
+    nodes = [node for _, node in feedback_modules(model)]
+    try:
+        for node in nodes:
+            node.as_backprop = True
+        yield
+    finally:
+        for node in nodes:
+            node.as_backprop = False
+
+
+def _weight_grads(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str, Tensor]:
+    weights = {name: node._weight_ref[0] for name, node in feedback_modules(model)}
+    params = list(model.parameters())
+    saved = [p.grad for p in params]  # every .grad, feedback state's included, is restored
+    for p in params:
+        p.grad = None
+    try:
+        closure().backward()
+        return {name: w.grad.detach().clone() for name, w in weights.items() if w.grad is not None}
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def gradient_alignment(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str, float]:
+    """Angle in degrees, per converted op, between the weight update the rule gives and
+    the one BP would give on the same batch with the same weights.
+
+    ``closure`` runs the forward and returns the loss (it is called twice; keep it
+    deterministic, e.g. call it in eval mode or reseed dropout). Parameter ``.grad``\\ s are
+    restored afterwards and plastic feedback state receives no gradient from the BP pass.
+    The last layer's angle is 0 by construction: its error is the loss gradient itself.
+    """
+    rule = _weight_grads(model, closure)
+    with backprop_mode(model):
+        bp = _weight_grads(model, closure)
+    return {name: angle_and_norm_ratio(bp[name], rule[name])[0] for name in rule if name in bp}
+
+
+class AlignmentLogger:
+    """Record alignment metrics during training to a CSV file (long format: step, metric,
+    op, value), and to TensorBoard when ``tensorboard`` is installed and ``tensorboard_dir``
+    is given.
+
+    >>> log = AlignmentLogger("runs/align.csv")                     # doctest: +SKIP
+    >>> log.log(step, model, extra={"loss": loss.item()})           # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", newline="")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(["step", "metric", "op", "value"])
+        self._tb: Any = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+
+    def log(
+        self,
+        step: int,
+        model: nn.Module,
+        extra: dict[str, float] | None = None,
+        gradient_angles: dict[str, float] | None = None,
+    ) -> None:
+        rows = []
+        for op, (angle, ratio) in alignment(model).items():
+            rows += [("angle_deg", op, angle), ("norm_ratio", op, ratio)]
+        for op, angle in (gradient_angles or {}).items():
+            rows.append(("grad_angle_deg", op, angle))
+        for key, value in (extra or {}).items():
+            rows.append((key, "", value))
+        for metric, op, value in rows:
+            self._csv.writerow([step, metric, op, value])
+            if self._tb is not None:
+                self._tb.add_scalar(f"{metric}/{op}" if op else metric, value, step)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> AlignmentLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -120,7 +120,7 @@ class _FeedbackLinear(torch.autograd.Function):
         x, weight, *state = ctx.saved_tensors
         nx, nw, nb, _, *ns = ctx.needs_input_grad
         need = Need(nx, nw, nb and ctx.has_bias, any(ns))
-        gx, gw, gb, gs = ctx.node.backward(LinearFamily, e, x, weight, tuple(state), need)
+        gx, gw, gb, gs = ctx.node.run_backward(LinearFamily, e, x, weight, tuple(state), need)
         return gx, gw if nw else None, gb, None, *gs
 
 
@@ -188,7 +188,7 @@ class _FeedbackConv(torch.autograd.Function):
         nx, nw, nb, *rest = ctx.needs_input_grad
         ns = rest[5:]
         need = Need(nx, nw, nb and ctx.family.bias_sizes is not None, any(ns))
-        gx, gw, gb, gs = ctx.node.backward(ctx.family, e, x, weight, tuple(state), need)
+        gx, gw, gb, gs = ctx.node.run_backward(ctx.family, e, x, weight, tuple(state), need)
         return gx, gw if nw else None, gb, None, None, None, None, None, *gs
 
 

@@ -56,6 +56,7 @@ class FeedbackNode(nn.Module):
         # keeps it; state_dict and parameters() list it once, under its own name.
         self._weight_ref: list[Tensor] = [weight]
         self._last_weight: Tensor | None = None
+        self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
 
     # -- what the op calls -------------------------------------------------------------
     def state(self) -> tuple[Tensor, ...]:
@@ -79,6 +80,13 @@ class FeedbackNode(nn.Module):
         weight_b = self.feedback_from(weight, state)
         gx, gw, gb = family.fused(e, x, weight_b, need.x, need.w or need.state, need.b)
         return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
+
+    def run_backward(self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any):
+        """What the op calls: the rule's backward, or BP's inside ``pfa_fx.backprop_mode``."""
+        if self.as_backprop:
+            gx, gw, gb = family.fused(e, x, weight, need.x, need.w, need.b)
+            return gx, gw, gb, (None,) * len(state)
+        return self.backward(family, e, x, weight, state, need)
 
     def inspect_state(self) -> tuple[Tensor, ...]:
         """The state :meth:`feedback_weight` reports (the last step's, without advancing)."""
