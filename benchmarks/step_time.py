@@ -43,6 +43,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 VARIANTS: dict[str, tuple[str, dict] | None] = {
     "bp": None,
     "bp+state": None,  # BP plus one W-sized parameter per weight op, stepped by SGD: KP's floor
+    "bp+state10": None,  # BP plus 10 W-sized parameters per weight op: explicit R's floor at expansion 10
     "fa": ("fa", {}),
     "sf": ("sf", {}),
     "kp": ("kp", {}),
@@ -65,10 +66,11 @@ class Variant:
         self.model = torch.compile(model) if args.compile else model
         self.shadow: list[tuple[nn.Parameter, nn.Parameter]] = []
         params = list(model.parameters())
-        if name == "bp+state":
+        if name.startswith("bp+state"):
+            copies = 10 if name == "bp+state10" else 1
             for m in model.modules():
                 if isinstance(m, WEIGHT_MODULES):
-                    extra = nn.Parameter(torch.zeros_like(m.weight))
+                    extra = nn.Parameter(torch.zeros(copies, *m.weight.shape, device=m.weight.device))
                     self.shadow.append((m.weight, extra))
                     params.append(extra)
         self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -83,16 +85,20 @@ class Variant:
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         for w, extra in self.shadow:
-            extra.grad = w.grad
+            # its own gradient tensor, as a real parameter has (KP's B.grad is a copy too)
+            extra.grad = w.grad.unsqueeze(0).expand_as(extra).clone()
         self.opt.step()
 
     def measure_memory(self, x, y, amp) -> None:
         saved: dict[int, int] = {}
+        # parameters and buffers saved for backward cost no memory of their own
+        held = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]}
 
         def pack(t: torch.Tensor):
             try:
                 st = t.untyped_storage()
-                saved[st.data_ptr()] = st.nbytes()
+                if st.data_ptr() not in held:
+                    saved[st.data_ptr()] = st.nbytes()
             except (RuntimeError, NotImplementedError):
                 pass
             return t
