@@ -302,7 +302,6 @@ class _Rewriter:
 
     # -- one graph ---------------------------------------------------------------------
     def rewrite(self, graph: fx.Graph) -> None:
-        used_keys: dict[str, int] = {}
         for node in list(graph.nodes):
             if node.op == "call_module":
                 m = self.gm.get_submodule(node.target)
@@ -311,15 +310,14 @@ class _Rewriter:
                 elif hidden := _hidden_weights(m, node.target):
                     self._rewrite_opaque_call(graph, node, hidden)
             elif node.op == "call_function" and (node.target in _LINEAR_FNS or node.target in _CONV_FNS):
-                self._rewrite_function_call(graph, node, used_keys)
+                self._rewrite_function_call(graph, node)
             elif (
                 node.op == "call_function"
                 and inspect.isfunction(node.target)
                 and (hidden := _weights_passed_to(self.root, node))
             ):
                 self._rewrite_opaque_call(graph, node, hidden)
-        graph.eliminate_dead_code()
-        graph.lint()
+        graph.lint()  # no dead-code elimination: the model's own side effects stay
 
     def _feedback_attr(self, graph: fx.Graph, key: str) -> fx.Node:
         return graph.get_attr(f"{NAMESPACE}.{key}")
@@ -347,7 +345,7 @@ class _Rewriter:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-    def _rewrite_function_call(self, graph: fx.Graph, node: fx.Node, used_keys: dict[str, int]) -> None:
+    def _rewrite_function_call(self, graph: fx.Graph, node: fx.Node) -> None:
         is_linear = node.target in _LINEAR_FNS
         names = ("input", "weight", "bias") if is_linear else _CONV_ARGS
         bound = dict(zip(names, node.args))
