@@ -108,3 +108,12 @@ def test_torch_compile_inductor_on_cpu_trains_without_graph_breaks():
     torch.testing.assert_close(cx, ref_x, rtol=1e-4, atol=1e-5)
     for k in ref:
         torch.testing.assert_close(cp[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "swin_t"])
+def test_dynamo_captures_converted_models_in_one_graph(name):
+    # swin_t exercises the run-time interception of an FX-wrapped function
+    gm = pfa_fx.convert(torchvision.models.get_model(name, num_classes=10), "pfa", compact=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0, explained.break_reasons
