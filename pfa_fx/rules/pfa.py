@@ -102,12 +102,14 @@ class PFANode(FeedbackNode):
         B = self._draw_B(g, out_g, nbar_g, generator)  # (g, out_g, nbar_g), float64
         # R: (n̄, in/g, *k) drawn Xavier-uniform, as the paper's recipe does.
         r_shape = (self.nbar, *weight.shape[1:])
-        R = torch.empty(r_shape, dtype=torch.float64)
+        # R holds expansion x |W| numbers: drawn in float32 (the same values on every
+        # device and process) rather than float64, which would double time and memory
+        R = torch.empty(r_shape, dtype=torch.float32)
         nn.init.xavier_uniform_(R, generator=generator)
         to = {"device": weight.device, "dtype": weight.dtype}
         if self.compact:
             G = B @ B.transpose(1, 2)
-            BR = torch.bmm(B, R.reshape(g, nbar_g, -1))
+            BR = torch.bmm(B, R.double().reshape(g, nbar_g, -1))
             S = torch.linalg.solve(G, BR)  # G S0 = B R0, computed in float64
             self.register_buffer("G", G.to(**to))
             self.S = nn.Parameter(S.reshape(weight.shape).to(**to))
