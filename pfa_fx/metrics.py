@@ -72,10 +72,23 @@ def gradient_alignment(model: nn.Module, closure: Callable[[], Tensor]) -> dict[
     restored afterwards and plastic feedback state receives no gradient from the BP pass.
     The last layer's angle is 0 by construction: its error is the loss gradient itself.
     """
-    rule = _weight_grads(model, closure)
-    with backprop_mode(model):
-        bp = _weight_grads(model, closure)
+    # a probe must not advance per-batch randomness (brSF's draw counter): training, and
+    # every DDP rank, continue with the same stream whether or not it was measured
+    nodes = [node for _, node in feedback_modules(model)]
+    extra = [node.get_extra_state() if _has_extra_state(node) else None for node in nodes]
+    try:
+        rule = _weight_grads(model, closure)
+        with backprop_mode(model):
+            bp = _weight_grads(model, closure)
+    finally:
+        for node, state in zip(nodes, extra):
+            if state is not None:
+                node.set_extra_state(state)
     return {name: angle_and_norm_ratio(bp[name], rule[name])[0] for name in rule if name in bp}
+
+
+def _has_extra_state(module: nn.Module) -> bool:
+    return type(module).get_extra_state is not nn.Module.get_extra_state
 
 
 class AlignmentLogger:

@@ -56,3 +56,12 @@ def test_alignment_logger_writes_long_format_csv(tmp_path):
         ("0", "angle_deg", "2") in metrics and ("0", "loss", "") in metrics and ("0", "grad_angle_deg", "0") in metrics
     )
     assert ("1", "norm_ratio", "4") in metrics
+
+
+def test_gradient_alignment_does_not_advance_brsf_draws():
+    gm = pfa_fx.convert(MLP().double(), "sf", variant="brsf")
+    x, y = torch.randn(5, 20, dtype=DT), torch.randint(0, 4, (5,))
+    gm(x).sum().backward()
+    steps = [n.step for _, n in pfa_fx.feedback_modules(gm)]
+    pfa_fx.gradient_alignment(gm, _closure(gm, x, y))
+    assert [n.step for _, n in pfa_fx.feedback_modules(gm)] == steps == [1, 1, 1]
