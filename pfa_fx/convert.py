@@ -116,12 +116,25 @@ class FeedbackTracer(fx.Tracer):
             raise err from exc
 
 
+def _none_defaults(model: nn.Module) -> dict[str, None] | None:
+    """Forward arguments that default to ``None`` (masks, optional conditioning) are traced
+    as ``None``: a proxy would make ``if mask is not None`` take the wrong branch. The
+    converted model then checks that they are left at ``None``."""
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    found = {n: None for n, p in params.items() if p.kind in kinds and p.default is None and n != "self"}
+    return found or None
+
+
 def _trace(model: nn.Module, leaf_paths: dict[str, str], fallback: bool) -> fx.Graph:
     """Trace ``model``; with ``fallback``, a submodule that cannot be traced becomes an
     opaque leaf (recorded in ``leaf_paths`` with the reason) and tracing starts over."""
     while True:
         try:
-            return FeedbackTracer(leaf_paths).trace(model)
+            return FeedbackTracer(leaf_paths).trace(model, concrete_args=_none_defaults(model))
         except TraceError as err:
             path = getattr(err, "path", "")
             if not fallback or not path or path in leaf_paths:

@@ -405,3 +405,22 @@ def test_swin_and_vit_from_torchvision_convert_completely():
         assert torch.equal(gm(x), model(x)), name
         gm.train()
         assert weights_on_backprop(gm(x).sum(), gm) == [], name
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:  # a proxy here would take the wrong branch
+            x = x * mask
+        return self.fc(x)
+
+
+def test_forward_arguments_defaulting_to_none_are_traced_as_none():
+    model = OptionalMask()
+    gm = pfa_fx.convert(model, "fa")
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), model(x))
+    assert " * " not in gm.code  # the masked branch is not in the graph
