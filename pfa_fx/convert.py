@@ -15,6 +15,7 @@ import copy
 import fnmatch
 import inspect
 import math
+import operator
 import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +33,7 @@ NAMESPACE = "pfa_feedback"
 WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 _LINEAR_FNS = {F.linear}
+_MATMUL_FNS = {operator.matmul, torch.matmul}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -324,6 +326,8 @@ class _Rewriter:
                     self._rewrite_opaque_call(graph, node, hidden)
             elif node.op == "call_function" and (node.target in _LINEAR_FNS or node.target in _CONV_FNS):
                 self._rewrite_function_call(graph, node)
+            elif node.op == "call_function" and node.target in _MATMUL_FNS:
+                self._rewrite_matmul_with_parameter(graph, node)
             elif (
                 node.op == "call_function"
                 and inspect.isfunction(node.target)
@@ -406,6 +410,36 @@ class _Rewriter:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+
+    def _rewrite_matmul_with_parameter(self, graph: fx.Graph, node: fx.Node) -> None:
+        """``x @ P.transpose(-1, -2)`` with a 2-D parameter ``P`` (e.g. the relative-position
+        tables of BoTNet/HaloNet attention) is ``F.linear(x, P)``: the error to ``x`` runs
+        through ``P``, so it gets feedback like any weight."""
+        if len(node.args) != 2 or node.kwargs:
+            return
+        x, pt = node.args
+        if not (isinstance(pt, fx.Node) and pt.op == "call_method" and len(pt.users) == 1):
+            return
+        if pt.target == "t" and len(pt.args) == 1:
+            pass
+        elif pt.target != "transpose" or len(pt.args) != 3 or {pt.args[1], pt.args[2]} not in ({-1, -2}, {0, 1}):
+            return
+        src = pt.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+            return
+        param = _attr(self.gm, src.target)
+        if not isinstance(param, nn.Parameter) or param.dim() != 2:
+            return
+        key = src.target[: -len(".weight")] if src.target.endswith(".weight") else src.target
+        fb = self.node_for(key, param, 1, _get_module(self.root, src.target.rpartition(".")[0]))
+        if fb is None:
+            return
+        with graph.inserting_before(node):
+            new = graph.call_function(ops.feedback_linear, (x, src, None, self._feedback_attr(graph, key)))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(pt)
 
     def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[_Hidden]) -> None:
         """Weights used inside code tracing keeps opaque: route their ops at run time."""

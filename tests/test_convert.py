@@ -424,3 +424,32 @@ def test_forward_arguments_defaulting_to_none_are_traced_as_none():
     x = torch.randn(2, 4)
     assert torch.equal(gm(x), model(x))
     assert " * " not in gm.code  # the masked branch is not in the graph
+
+
+class RelPosLogits(nn.Module):
+    """``q @ table.T`` with a learned table, as BoTNet/HaloNet relative-position logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 6)
+        self.rel = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        return self.q(x) @ self.rel.transpose(-1, -2)
+
+
+def test_matmul_with_a_transposed_parameter_is_a_weight_op():
+    model = RelPosLogits().double()
+    gm = pfa_fx.convert(model, "fa")
+    assert set(dict(pfa_fx.feedback_modules(gm))) == {"q", "rel"}
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    out = gm(x)
+    assert torch.equal(out, model(x))
+    assert weights_on_backprop(out.sum(), gm) == []
+    bp = pfa_fx.convert(model, "bp")
+    x2 = x.detach().clone().requires_grad_()
+    bp(x2).square().sum().backward()
+    x.grad = None
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bp.rel.grad, model.rel.grad, rtol=1e-12, atol=1e-12)
