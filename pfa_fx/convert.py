@@ -118,16 +118,20 @@ class FeedbackTracer(fx.Tracer):
             raise err from exc
 
 
-def _none_defaults(model: nn.Module) -> dict[str, None] | None:
-    """Forward arguments that default to ``None`` (masks, optional conditioning) are traced
-    as ``None``: a proxy would make ``if mask is not None`` take the wrong branch. The
-    converted model then checks that they are left at ``None``."""
+def _constant_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """Forward arguments with constant defaults (``mask=None``, ``is_causal=False``, ...) are
+    traced at their defaults: a proxy would make ``if mask is not None`` or ``if is_causal``
+    take the wrong branch or fail. The converted forward keeps only the other arguments."""
     try:
         params = inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    found = {n: None for n, p in params.items() if p.kind in kinds and p.default is None and n != "self"}
+    found = {
+        n: p.default
+        for n, p in params.items()
+        if n != "self" and p.kind in kinds and (p.default is None or isinstance(p.default, bool | int | float | str))
+    }
     return found or None
 
 
@@ -136,7 +140,7 @@ def _trace(model: nn.Module, leaf_paths: dict[str, str], fallback: bool) -> fx.G
     opaque leaf (recorded in ``leaf_paths`` with the reason) and tracing starts over."""
     while True:
         try:
-            return FeedbackTracer(leaf_paths).trace(model, concrete_args=_none_defaults(model))
+            return FeedbackTracer(leaf_paths).trace(model, concrete_args=_constant_defaults(model))
         except TraceError as err:
             path = getattr(err, "path", "")
             if not fallback or not path or path in leaf_paths:

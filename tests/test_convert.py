@@ -53,6 +53,7 @@ def test_forward_is_bit_identical_in_train_and_eval_and_nothing_stays_on_backpro
         assert torch.equal(_logits(ref), _logits(out)), f"forward changed in {'train' if mode else 'eval'} mode"
     assert weights_on_backprop(_logits(out).sum(), gm) == []
     assert len(list(pfa_fx.feedback_modules(gm))) > 0
+    assert isinstance(gm, torch.fx.GraphModule) and gm.pfa_fallbacks == {}  # traced, no fallback
 
 
 def test_audit_flags_an_unconverted_model():

@@ -133,6 +133,8 @@ class PFANode(FeedbackNode):
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         (T,) = state  # S or R
+        if self.compact and self.orthonormal:
+            return T  # G = B B^T = I: W_b = S, KP's cost (G is kept for inspection only)
         M = self._mixer().to(T.dtype)
         g = self.groups
         return torch.bmm(M, T.reshape(g, T.shape[0] // g, -1)).reshape(self.weight_shape)
@@ -149,6 +151,8 @@ class PFANode(FeedbackNode):
         """``"product"`` (build ``W_b`` once, no batch dimension) or ``"population"`` (mix the
         error through the population, per batch position): whichever costs fewer
         multiply-adds beyond BP's own backward for this shape."""
+        if self.compact and self.orthonormal:
+            return "product"  # W_b = S: nothing to build
         if self.route != "auto":
             return self.route
         n_out = self.weight_shape[0]
