@@ -69,10 +69,12 @@ def weights_on_backprop(output: Tensor, model: nn.Module, min_dim: int = 2) -> l
             continue
         seen.add(id(fn))
         if type(fn).__name__ in STANDARD_WEIGHT_OPS:
-            for nxt, _ in fn.next_functions:
-                name = _weight_behind(nxt, by_id)
-                if name is not None:
-                    found.add(name)
+            names = [_weight_behind(nxt, by_id) for nxt, _ in fn.next_functions]
+            # the weight transports error only if some other input receives a gradient
+            # (a one-hot @ table lookup sends none through the table)
+            others = [nxt for (nxt, _), n in zip(fn.next_functions, names) if nxt is not None and n is None]
+            if others:
+                found.update(n for n in names if n is not None)
         stack += [nxt for nxt, _ in fn.next_functions if nxt is not None]
     return sorted(found)
 

@@ -454,3 +454,16 @@ def test_matmul_with_a_transposed_parameter_is_a_weight_op():
     model(x).square().sum().backward()
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(bp.rel.grad, model.rel.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_audit_ignores_tables_that_carry_no_error():
+    class OneHotTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, x):  # a lookup written as a matmul: no error flows through the table
+            return x + torch.nn.functional.one_hot(torch.arange(2), 16).float() @ self.table
+
+    gm = pfa_fx.convert(nn.Sequential(nn.Linear(4, 4), OneHotTable()), "fa")
+    assert weights_on_backprop(gm(torch.randn(2, 4)).sum(), gm) == []
