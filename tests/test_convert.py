@@ -29,6 +29,19 @@ MODELS = {
 }
 
 
+def _same_forward_in_both_modes(model, gm, x):
+    """Compare forwards in eval then train mode (same RNG seed); return gm's train output."""
+    for mode in (False, True):  # train mode last: audits need its autograd graph
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(1)
+        ref = model(x)
+        torch.manual_seed(1)
+        out = gm(x)
+        assert torch.equal(_logits(ref), _logits(out)), f"forward changed in {'train' if mode else 'eval'} mode"
+    return out
+
+
 def _logits(out):
     if isinstance(out, tuple):
         return out[0]
@@ -42,15 +55,7 @@ def test_forward_is_bit_identical_in_train_and_eval_and_nothing_stays_on_backpro
     torch.manual_seed(0)
     model = factory()
     gm = pfa_fx.convert(model, rule)
-    x = torch.randn(2, 3, size, size)
-    for mode in (False, True):  # train mode last: the audit needs its graph
-        model.train(mode)
-        gm.train(mode)
-        torch.manual_seed(1)
-        ref = model(x)
-        torch.manual_seed(1)
-        out = gm(x)
-        assert torch.equal(_logits(ref), _logits(out)), f"forward changed in {'train' if mode else 'eval'} mode"
+    out = _same_forward_in_both_modes(model, gm, torch.randn(2, 3, size, size))
     assert weights_on_backprop(_logits(out).sum(), gm) == []
     assert len(list(pfa_fx.feedback_modules(gm))) > 0
     assert isinstance(gm, torch.fx.GraphModule) and gm.pfa_fallbacks == {}  # traced, no fallback
@@ -334,15 +339,7 @@ def test_multihead_attention_projections_are_converted_and_forward_identical():
     names = set(dict(pfa_fx.feedback_modules(gm)))
     assert "layers.0.self_attn.in_proj_weight" in names and "layers.1.self_attn.out_proj" in names
     assert "layers.0.linear1" in names
-    x = torch.randn(3, 5, 16)
-    for mode in (False, True):
-        model.train(mode)
-        gm.train(mode)
-        torch.manual_seed(0)
-        ref = model(x)
-        torch.manual_seed(0)
-        out = gm(x)
-        assert torch.equal(ref, out)
+    out = _same_forward_in_both_modes(model, gm, torch.randn(3, 5, 16))
     assert weights_on_backprop(out.sum(), gm) == []
 
 
