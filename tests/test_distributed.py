@@ -1,6 +1,7 @@
 """A converted model under DistributedDataParallel (2 CPU processes, gloo) trains exactly
 as one process on the same global batch, with no feedback state ever communicated."""
 
+import inspect
 import os
 import socket
 
@@ -15,6 +16,7 @@ import pfa_fx
 from tests.nets import MLP
 
 STEPS = 4
+DDP_ARGS = inspect.signature(DDP.__init__).parameters
 RULES = ["pfa", "kp", "sf"]
 
 
@@ -48,9 +50,13 @@ def _worker(rank, world, port, rule, out):
         torch.manual_seed(100 + rank)  # ranks' global RNGs differ: feedback must not care
         model = _model(rule)
         # nothing in feedback state needs broadcasting: it is drawn from (seed, op name)
-        ddp = DDP(model, broadcast_buffers=False)
+        no_sync = (
+            {"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_ARGS else {"broadcast_buffers": False}
+        )
+        ddp = DDP(model, **no_sync)
         _train(ddp, _data(), rank, world)
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before gloo's threads are torn down
     finally:
         dist.destroy_process_group()
 
