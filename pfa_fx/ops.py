@@ -166,6 +166,10 @@ class ConvFamily:
     def mix(self, e: Tensor, M: Tensor) -> Tensor:
         """Per-group channel mix with ``M`` of shape ``(groups, c_in/g, c_out/g)``: a 1x1 conv."""
         g, a, b = M.shape
+        if g == 1 and e.numel() == e.shape[0] * e.shape[1]:
+            # one position per sample (e.g. a ResNet's last stage on small images): a plain
+            # matmul, about twice as fast as mkldnn's 1x1 convolution on the CPU
+            return e.reshape(e.shape[0], a).mm(M[0]).reshape(e.shape[0], b, *e.shape[2:])
         kernel = M.transpose(1, 2).reshape(g * b, a, *([1] * (e.dim() - 2)))
         return _CONV[e.dim() - 2](e, _match_layout(kernel, e), None, 1, 0, 1, g)
 

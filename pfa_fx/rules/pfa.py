@@ -109,14 +109,19 @@ class PFANode(FeedbackNode):
         to = {"device": weight.device, "dtype": weight.dtype}
         if self.compact:
             G = B @ B.transpose(1, 2)
+            G = (G + G.transpose(1, 2)) / 2  # exactly symmetric: the error-side mix uses G for G^T
             BR = torch.bmm(B, R.double().reshape(g, nbar_g, -1))
             S = torch.linalg.solve(G, BR)  # G S0 = B R0, computed in float64
             self.register_buffer("G", G.to(**to))
-            self.S = nn.Parameter(S.reshape(weight.shape).to(**to))
+            # solve() returns column-major results: a non-contiguous S would cost a W-sized
+            # reorder in every backward call and in every gradient accumulation
+            self.S = nn.Parameter(S.reshape(weight.shape).to(**to).contiguous())
             self.S._pfa_compact = True  # lets the optimizer hook recognise compact state
             _watch_optimizers()
         else:
-            self.register_buffer("B", B.to(**to))
+            # stored so that B^T (the error-side mix, ē = B^T e) is the contiguous one: the
+            # population route then mixes without copying B, and B·R reads it transposed
+            self.register_buffer("B", B.transpose(1, 2).contiguous().transpose(1, 2).to(**to))
             self.R = nn.Parameter(R.to(**to))
 
     def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
@@ -169,8 +174,9 @@ class PFANode(FeedbackNode):
         (T,) = state
         if self.choose_route(family.positions(e)) == "product":
             return super().backward(family, e, x, weight, state, need)
-        M = self._mixer().to(e.dtype)
-        # the error population: ē = B^T e (or G^T e), per position and group
+        # the error population: ē = B^T e (or G^T e), per position and group. mix() applies
+        # its argument transposed; G is symmetric, so its transpose view serves (no copy)
+        M = (self.G.mT if self.compact else self.B).to(e.dtype)
         ebar = family.mix(e, M)
         if self.compact:
             gx = family.fused(ebar, x, T, need.x, False, False)[0]

@@ -63,7 +63,6 @@ class SFNode(FeedbackNode):
         return self.state()
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        # in place on the fresh sign tensor: one W-sized pass, no second allocation
         sign = torch.sign(weight)
-        if self.variant == "usf":
-            return sign * self.std
-        return sign * state[0]
+        return sign.mul_(self.std if self.variant == "usf" else state[0])
