@@ -2,7 +2,8 @@
 
 ``convert(model, rule)`` traces a copy of ``model`` (once in train mode, once in eval
 mode, because Python forwards may branch on ``self.training``), finds every weight op —
-``nn.Linear`` / ``nn.Conv{1,2,3}d`` calls, ``F.linear`` / ``F.conv{1,2,3}d`` calls with
+``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` calls, ``F.linear`` /
+``F.conv{1,2,3}d`` / ``F.conv_transpose{1,2,3}d`` calls with
 weights from parameters or computed by the model, and weight modules hidden inside
 modules that tracing must keep opaque — and rewrites it to the op of :mod:`pfa_fx.ops`
 with a :class:`~pfa_fx.rules.FeedbackNode` holding the rule's state under the
@@ -30,11 +31,15 @@ from .rules import RULES, FeedbackNode, rule_class, seeded_generator
 
 NAMESPACE = "pfa_feedback"
 
-WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+_TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED_MODULES)
+_PLAIN_FORWARDS = {m.forward for m in WEIGHT_MODULES}
 _LINEAR_FNS = {F.linear}
 _MATMUL_FNS = {operator.matmul, torch.matmul}
 _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_T_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_T_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -279,10 +284,12 @@ def _check_options(owner: str | None, options: Mapping[str, Any], names: list[st
             raise ConversionError(f"unknown option {opt!r} for {which}; valid options: {listed}")
 
 
-def _make_node(rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str) -> FeedbackNode:
+def _make_node(
+    rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str, transposed: bool = False
+) -> FeedbackNode:
     cls = rule_class(rule)
     accepted = {k: v for k, v in opts.items() if k in cls.options}
-    return cls(weight, groups=groups, generator=seeded_generator(seed, key), **accepted)
+    return cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, **accepted)
 
 
 # -------------------------------------------------------------------------- the pass
@@ -299,18 +306,29 @@ class _Rewriter:
         self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
 
     def node_for(
-        self, key: str, weight: torch.Tensor, groups: int, owner: nn.Module | None, path: str = "graph"
+        self,
+        key: str,
+        weight: torch.Tensor,
+        groups: int,
+        owner: nn.Module | None,
+        path: str = "graph",
+        transposed: bool = False,
     ) -> FeedbackNode | None:
         if key in self.made:
             node = self.made[key]
             if node is not None and tuple(weight.shape) != node.weight_shape:
                 raise ConversionError(f"weight '{key}' is used with two shapes; cannot share its feedback")
+            if node is not None and node.transposed != transposed:
+                raise ConversionError(
+                    f"weight '{key}' is used by a convolution and by a transposed convolution; "
+                    "their feedback has different output axes and cannot be shared"
+                )
             return node
         resolved = _resolve_spec(self.spec, key, owner)
         node = None
         if resolved is not None:
             rule, opts = resolved
-            node = _make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key)
+            node = _make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key, transposed)
             node.conversion_path = path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
             _set_path(self.namespace, key, node)
@@ -328,7 +346,9 @@ class _Rewriter:
                     self._rewrite_module_call(graph, node, m)
                 elif hidden := _hidden_weights(m, node.target):
                     self._rewrite_opaque_call(graph, node, hidden)
-            elif node.op == "call_function" and (node.target in _LINEAR_FNS or node.target in _CONV_FNS):
+            elif node.op == "call_function" and (
+                node.target in _LINEAR_FNS or node.target in _CONV_FNS or node.target in _CONV_T_FNS
+            ):
                 self._rewrite_function_call(graph, node)
             elif node.op == "call_function" and node.target in _MATMUL_FNS:
                 self._rewrite_matmul_with_parameter(graph, node)
@@ -345,7 +365,8 @@ class _Rewriter:
 
     def _rewrite_module_call(self, graph: fx.Graph, node: fx.Node, m: nn.Module) -> None:
         groups = getattr(m, "groups", 1)
-        fb = self.node_for(node.target, m.weight, groups, m)
+        transposed = isinstance(m, _TRANSPOSED_MODULES)
+        fb = self.node_for(node.target, m.weight, groups, m, transposed=transposed)
         if fb is None:
             return
         x = node.args[0] if node.args else node.kwargs["input"]
@@ -355,6 +376,14 @@ class _Rewriter:
             f = self._feedback_attr(graph, node.target)
             if isinstance(m, nn.Linear):
                 new = graph.call_function(ops.feedback_linear, (x, w, b, f))
+            elif transposed:
+                # output_padding as nn.ConvTranspose*d computes it (from output_size if given)
+                size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+                out_pad = m.output_padding
+                if size is not None:
+                    out_pad = graph.call_function(_transposed_output_padding, (graph.get_attr(node.target), x, size))
+                args = (x, w, b, f, m.stride, m.padding, out_pad, m.groups, m.dilation)
+                new = graph.call_function(ops.feedback_conv_transpose, args)
             else:
                 padding = m.padding
                 if m.padding_mode != "zeros":
@@ -368,11 +397,12 @@ class _Rewriter:
 
     def _rewrite_function_call(self, graph: fx.Graph, node: fx.Node) -> None:
         is_linear = node.target in _LINEAR_FNS
-        names = ("input", "weight", "bias") if is_linear else _CONV_ARGS
+        transposed = node.target in _CONV_T_FNS
+        names = ("input", "weight", "bias") if is_linear else _CONV_T_ARGS if transposed else _CONV_ARGS
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
         if not is_linear:
-            for k, v in _CONV_DEFAULTS.items():
+            for k, v in (_CONV_T_DEFAULTS if transposed else _CONV_DEFAULTS).items():
                 bound.setdefault(k, v)
         bound.setdefault("bias", None)
         w_node = bound["weight"]
@@ -390,13 +420,18 @@ class _Rewriter:
         if not isinstance(groups, int):
             self.skipped[key] = "groups is computed at run time"
             return
-        fb = self.node_for(key, weight, groups, owner)
+        fb = self.node_for(key, weight, groups, owner, transposed=transposed)
         if fb is None:
             return
         with graph.inserting_before(node):
             f = self._feedback_attr(graph, key)
             if is_linear:
                 new = graph.call_function(ops.feedback_linear, (bound["input"], w_node, bound["bias"], f))
+            elif transposed:
+                rest = tuple(bound[k] for k in _CONV_T_ARGS[3:])
+                new = graph.call_function(
+                    ops.feedback_conv_transpose, (bound["input"], w_node, bound["bias"], f, *rest)
+                )
             else:
                 new = graph.call_function(
                     ops.feedback_conv,
@@ -448,7 +483,11 @@ class _Rewriter:
     def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[_Hidden]) -> None:
         """Weights used inside code tracing keeps opaque: route their ops at run time."""
         path = "opaque module" if node.op == "call_module" else "opaque function"
-        routes = [(h.param_path, h.key) for h in hidden if self.node_for(h.key, h.weight, h.groups, h.owner, path)]
+        routes = [
+            (h.param_path, h.key)
+            for h in hidden
+            if self.node_for(h.key, h.weight, h.groups, h.owner, path, h.transposed)
+        ]
         if not routes:
             return
         with graph.inserting_before(node):
@@ -470,6 +509,7 @@ class _Hidden(NamedTuple):
     weight: torch.Tensor
     groups: int
     owner: nn.Module
+    transposed: bool = False
 
 
 def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
@@ -480,7 +520,8 @@ def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
         base = ".".join(p for p in (path, rel) if p)
         prefix = f"{base}." if base else ""
         if isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
-            found.append(_Hidden(f"{prefix}weight", base or "weight", sub.weight, getattr(sub, "groups", 1), sub))
+            groups, transposed = getattr(sub, "groups", 1), isinstance(sub, _TRANSPOSED_MODULES)
+            found.append(_Hidden(f"{prefix}weight", base or "weight", sub.weight, groups, sub, transposed))
         if isinstance(sub, nn.MultiheadAttention):
             for name in _MHA_WEIGHTS:
                 p = getattr(sub, name, None)
@@ -503,8 +544,17 @@ def _weights_passed_to(gm: nn.Module, node: fx.Node) -> list[_Hidden]:
             isinstance(owner, nn.MultiheadAttention) and name in _MHA_WEIGHTS
         ):
             key = mod_path if name == "weight" else arg.target
-            found.append(_Hidden(arg.target, key, _attr(gm, arg.target), getattr(owner, "groups", 1), owner))
+            transposed = isinstance(owner, _TRANSPOSED_MODULES)
+            found.append(
+                _Hidden(arg.target, key, _attr(gm, arg.target), getattr(owner, "groups", 1), owner, transposed)
+            )
     return found
+
+
+def _transposed_output_padding(m: nn.Module, x: torch.Tensor, output_size: Any) -> list[int]:
+    """``output_padding`` of ``m(x, output_size)``, computed as ``nn.ConvTranspose*d`` does."""
+    n = m.weight.dim() - 2
+    return m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, n, m.dilation)
 
 
 def _is_param(gm: nn.Module, path: str) -> bool:
@@ -697,7 +747,7 @@ def _convert_eagerly(
     rewriter = _Rewriter(root, root, spec, dict(options), seed)
     routes = []
     for h in _hidden_weights(root, ""):
-        if rewriter.node_for(h.key, h.weight, h.groups, h.owner, "eager") is not None:
+        if rewriter.node_for(h.key, h.weight, h.groups, h.owner, "eager", h.transposed) is not None:
             routes.append((h.param_path, h.key))
     root.pfa_routes = tuple(routes)
     root.pfa_fallbacks = {"": reason}

@@ -5,7 +5,7 @@ Some code must stay opaque to tracing: modules timm registers as leaves (``Conv2
 is a bare parameter), and functions wrapped for FX that receive weights as arguments
 (torchvision Swin's ``shifted_window_attention``). Their graph node becomes
 ``call_with_feedback(target, namespace, routes, *args)``: it runs the original code with
-a ``TorchFunctionMode`` that routes each ``F.linear`` / ``F.conv*d`` call whose weight is
+a ``TorchFunctionMode`` that routes each ``F.linear`` / ``F.conv*d`` / ``F.conv_transpose*d`` call whose weight is
 (or was computed from, e.g. by weight standardization) a routed parameter to the
 feedback op of that parameter's node.
 """
@@ -27,8 +27,10 @@ from .rules.base import FeedbackNode
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
+_CONV_T = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_PATCHED = ("linear", "conv1d", "conv2d", "conv3d")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_PATCHED = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
 def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int = 64) -> FeedbackNode | None:
@@ -49,15 +51,19 @@ def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int
 
 
 def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
-    names = ("input", "weight", "bias") if func in _LINEAR else _CONV_ARGS
+    names = ("input", "weight", "bias") if func in _LINEAR else _CONV_T_ARGS if func in _CONV_T else _CONV_ARGS
     bound = dict(zip(names, args))
     bound.update(kwargs)
     weight = bound.get("weight")
     node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
-    if node is None or tuple(weight.shape) != node.weight_shape:
+    if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):
         return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
     if func in _LINEAR:
         return ops.feedback_linear(bound["input"], weight, bound.get("bias"), node)
+    if func in _CONV_T:
+        defaults = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+        rest = (bound.get(k, d) for k, d in defaults.items())
+        return ops.feedback_conv_transpose(bound["input"], weight, bound.get("bias"), node, *rest)
     return ops.feedback_conv(
         bound["input"],
         weight,
@@ -96,7 +102,7 @@ class _RouteWeightOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _LINEAR or func in _CONV:
+        if func in _LINEAR or func in _CONV or func in _CONV_T:
             return _route_call(func, args, kwargs, self.routes)
         if inspect.isfunction(func):  # a Python composite: its inner calls must be seen too
             with _functional_patched(self.routes):

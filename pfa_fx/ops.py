@@ -33,6 +33,7 @@ from .rules.base import FeedbackNode
 # Bound once: pfa_fx.intercept may patch torch.nn.functional's names while opaque code runs.
 _LINEAR = torch._C._nn.linear
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+_CONV_T = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
 
 
 class Need(NamedTuple):
@@ -138,9 +139,13 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: Feedba
 class ConvFamily:
     """Backward building blocks of a convolution with fixed stride/padding/dilation/groups."""
 
-    def __init__(self, stride, padding, dilation, groups, bias_sizes):
+    def __init__(self, stride, padding, dilation, groups, bias_sizes, transposed=False, output_padding=None):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.bias_sizes = bias_sizes
+        # a transposed convolution's weight is (in, out/groups, *k); its backward is the
+        # same native call with transposed=True
+        self.transposed = transposed
+        self.output_padding = output_padding if output_padding is not None else [0] * len(stride)
 
     @staticmethod
     def positions(e: Tensor) -> int:
@@ -157,8 +162,8 @@ class ConvFamily:
             self.stride,
             self.padding,
             self.dilation,
-            False,
-            [0] * len(self.stride),
+            self.transposed,
+            self.output_padding,
             self.groups,
             [need_x, need_w, need_b],
         )
@@ -176,24 +181,30 @@ class ConvFamily:
 
 class _FeedbackConv(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, node, stride, padding, dilation, groups, *state):
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    def forward(x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state):
+        n = weight.dim() - 2
+        if output_padding is None:
+            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+        return _CONV_T[n](x, weight, bias, stride, padding, output_padding, groups, dilation)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, node, stride, padding, dilation, groups, *state = inputs
+        x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state = inputs
         ctx.save_for_backward(x, weight, *state)
         ctx.node = node
-        ctx.family = ConvFamily(stride, padding, dilation, groups, None if bias is None else list(bias.shape))
+        bias_sizes = None if bias is None else list(bias.shape)
+        ctx.family = ConvFamily(
+            stride, padding, dilation, groups, bias_sizes, output_padding is not None, output_padding
+        )
 
     @staticmethod
     def backward(ctx, e: Tensor):
         x, weight, *state = ctx.saved_tensors
         nx, nw, nb, *rest = ctx.needs_input_grad
-        ns = rest[5:]
+        ns = rest[6:]
         need = Need(nx, nw, nb and ctx.family.bias_sizes is not None, any(ns))
         gx, gw, gb, gs = ctx.node.run_backward(ctx.family, e, x, weight, tuple(state), need)
-        return gx, gw if nw else None, gb, None, None, None, None, None, *gs
+        return gx, gw if nw else None, gb, None, None, None, None, None, None, *gs
 
 
 def _same_padding(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> tuple[Tensor, list[int]]:
@@ -239,4 +250,29 @@ def feedback_conv(
     node.note_weight(weight)
     x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
     with torch.autocast(x.device.type, enabled=False):
-        return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, *state)
+        return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, None, *state)
+
+
+def feedback_conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    node: FeedbackNode,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    output_padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """``F.conv_transpose{1,2,3}d`` (same argument order) whose backward uses ``node``'s
+    feedback weight; ``weight`` is ``(in, out/groups, *k)`` as torch stores it."""
+    n = weight.dim() - 2
+    if not _wants_grad(x, weight, bias, *node.parameters()):
+        return _CONV_T[n](x, weight, bias, stride, padding, output_padding, groups, dilation)
+    tup = _ntuple(n)
+    stride, padding, dilation = list(tup(stride)), list(tup(padding)), list(tup(dilation))
+    output_padding = list(tup(output_padding))
+    node.note_weight(weight)
+    x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
+    with torch.autocast(x.device.type, enabled=False):
+        return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state)

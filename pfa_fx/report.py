@@ -11,6 +11,11 @@ from .convert import NAMESPACE, feedback_modules
 _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 
+def _kind(node) -> str:
+    kind = _KIND.get(len(node.weight_shape), f"{len(node.weight_shape)}-d")
+    return kind.replace("conv", "conv_transpose") if getattr(node, "transposed", False) else kind
+
+
 @dataclass
 class OpEntry:
     """One converted weight op."""
@@ -91,7 +96,7 @@ def report(model: nn.Module) -> ConversionReport:
         rep.ops.append(
             OpEntry(
                 name,
-                _KIND.get(len(node.weight_shape), f"{len(node.weight_shape)}-d"),
+                _kind(node),
                 node.rule,
                 getattr(node, "conversion_path", "graph"),
                 getattr(node, "op_owner", ""),

@@ -464,3 +464,60 @@ def test_audit_ignores_tables_that_carry_no_error():
 
     gm = pfa_fx.convert(nn.Sequential(nn.Linear(4, 4), OneHotTable()), "fa")
     assert weights_on_backprop(gm(torch.randn(2, 4)).sum(), gm) == []
+
+
+class Upsampler(nn.Module):
+    """Transposed convolutions three ways: a module, a module given ``output_size``, and
+    ``F.conv_transpose2d`` on a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.up_sized = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 2, 2, 2) * 0.3)
+
+    def forward(self, x):
+        h = self.up(self.down(x).relu())
+        h = self.up_sized(h, output_size=[2 * h.shape[-2], 2 * h.shape[-1]])
+        return nn.functional.conv_transpose2d(h, self.w, stride=2)
+
+
+@pytest.mark.parametrize("rule", ["fa", "pfa", "kp"])
+def test_transposed_convolutions_are_weight_ops(rule):
+    torch.manual_seed(0)
+    model = Upsampler()
+    gm = pfa_fx.convert(model, rule, strict=True)
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    assert set(nodes) == {"down", "up", "up_sized", "w"}
+    assert nodes["up"].transposed and nodes["w"].transposed and not nodes["down"].transposed
+    for name, node in nodes.items():
+        assert node.feedback_weight().shape == node.weight_shape, name
+    x = torch.randn(2, 3, 8, 8)
+    out = _same_forward_in_both_modes(model, gm, x)
+    assert out.shape == (2, 2, 32, 32)
+    assert weights_on_backprop(out.sum(), gm) == []
+    kinds = {op.name: op.kind for op in pfa_fx.report(gm).ops}
+    assert kinds["up"] == "conv_transpose2d" and kinds["down"] == "conv2d"
+
+
+def test_transposed_convolution_inside_an_opaque_module_is_routed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Opaque(nn.ConvTranspose2d(4, 4, 2, stride=2)))
+    with pytest.warns(UserWarning, match="module '1' .* cannot be traced"):
+        gm = pfa_fx.convert(model, "fa", strict=True)
+    assert set(dict(pfa_fx.feedback_modules(gm))) == {"0", "1.inner"}
+    x = torch.randn(2, 3, 5, 5)
+    out = _same_forward_in_both_modes(model, gm, x)
+    assert weights_on_backprop(out.sum(), gm) == []
+
+
+class Opaque(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.sum() > float("inf"):  # data-dependent: tracing fails, the fallback keeps it opaque
+            return x
+        return self.inner(x)

@@ -29,6 +29,7 @@ SUBSET = [
     ("timm", "vit_tiny_patch16_224", {"expansion": 1}),  # img_size=64
     ("timm", "hiera_small_abswin_256", {"expansion": 1}),  # forward(x, mask=None): optional-arg tracing
     ("timm", "botnet26t_256", {"expansion": 1}),  # relative-position tables in q @ rel^T
+    ("timm", "lowformer_b0", {"expansion": 1}),  # nn.ConvTranspose2d upsampling in attention
 ]
 # torchvision's MaxViT only builds at its native 224 px: over a minute on a CPU
 SLOW = [
@@ -38,14 +39,7 @@ SLOW = [
 ]
 
 # Models that fail today because of a pfa_fx limitation; strict, so they flip when fixed.
-KNOWN_FAILURES: list[tuple[str, str, dict, str]] = [
-    (
-        "timm",
-        "lowformer_b0",
-        {"expansion": 1},
-        "nn.ConvTranspose2d (attention upsampling) is not a converted weight op: its weight stays on BP",
-    ),
-]
+KNOWN_FAILURES: list[tuple[str, str, dict, str]] = []
 
 
 def _params():

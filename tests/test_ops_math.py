@@ -101,6 +101,43 @@ def test_conv_gradients_follow_feedback_formula(case, bias):
         torch.testing.assert_close(b.grad, e.sum(dim=[0, *range(2, e.dim())]), rtol=1e-12, atol=1e-12)
 
 
+CONV_T_CASES = [
+    # dim, in, out, kernel, stride, padding, output_padding, groups, dilation
+    (1, 4, 6, 3, 2, 1, 1, 1, 1),
+    (2, 4, 6, 3, 1, 0, 0, 1, 1),
+    (2, 4, 6, 4, 2, 1, 0, 2, 1),
+    (2, 6, 6, 3, 2, 1, 1, 6, 2),  # depthwise, dilated, output padding
+    (3, 2, 4, 3, (2, 1, 2), (1, 0, 1), (1, 0, 0), 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_T_CASES, ids=lambda c: f"convT{c[0]}d_k{c[3]}_s{c[4]}_op{c[6]}_g{c[7]}_d{c[8]}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_transposed_conv_gradients_follow_feedback_formula(case, bias):
+    dim, cin, cout, k, stride, padding, out_pad, groups, dilation = case
+    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dim]
+    x = _leaf(2, cin, *([5] * dim))
+    W = _leaf(cin, cout // groups, *([k] * dim))  # torch's (in, out/groups, *k) layout
+    b = _leaf(cout) if bias else None
+    Wb = torch.randn_like(W.detach())
+    node = FixedFeedback(W, Wb, trainable=True)
+    y = ops.feedback_conv_transpose(x, W, b, node, stride, padding, out_pad, groups, dilation)
+    assert torch.equal(y, conv_t(x, W, b, stride, padding, out_pad, groups, dilation))
+    e = torch.randn_like(y)
+    y.backward(e)
+    # grad_x: adjoint of v -> conv_transpose(v, W_b), through <L(v), e> = <v, grad_x>
+    for _ in range(3):
+        v = torch.randn_like(x)
+        lhs = (conv_t(v, Wb, None, stride, padding, out_pad, groups, dilation) * e).sum()
+        torch.testing.assert_close((v * x.grad).sum(), lhs, rtol=1e-10, atol=1e-10)
+    W2 = W.detach().clone().requires_grad_()
+    conv_t(x.detach(), W2, None, stride, padding, out_pad, groups, dilation).backward(e)
+    torch.testing.assert_close(W.grad, W2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(node.wb.grad, W.grad, rtol=0, atol=0)
+    if bias:
+        torch.testing.assert_close(b.grad, e.sum(dim=[0, *range(2, e.dim())]), rtol=1e-12, atol=1e-12)
+
+
 def test_conv_with_feedback_equal_to_weight_is_exactly_backprop():
     x, W, b = _leaf(2, 4, 9, 9), _leaf(6, 2, 3, 3), _leaf(6)
     node = FixedFeedback(W, W.detach())

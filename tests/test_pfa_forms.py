@@ -20,10 +20,12 @@ class _PopulationOp(torch.autograd.Function):
     """y = L_W(x) + b forward; backward through ē = B^T e, then e_in = R^T ē, ΔR ∝ ē ⊗ x."""
 
     @staticmethod
-    def forward(ctx, x, W, b, R, B, conv):
+    def forward(ctx, x, W, b, R, B, conv, transposed=False):
         ctx.save_for_backward(x, W, R, B)
-        ctx.conv = conv
-        return F.linear(x, W, b) if conv is None else F.conv2d(x, W, b, *conv)
+        ctx.conv, ctx.transposed = conv, transposed
+        if conv is None:
+            return F.linear(x, W, b)
+        return F.conv_transpose2d(x, W, b, *conv) if transposed else F.conv2d(x, W, b, *conv)
 
     @staticmethod
     def backward(ctx, e):
@@ -38,14 +40,15 @@ class _PopulationOp(torch.autograd.Function):
             n, c, h, w_ = e.shape
             eg = e.reshape(n, g, c // g, h, w_)
             ebar = torch.einsum("ngohw,gok->ngkhw", eg, B).reshape(n, -1, h, w_)
-            lin = lambda inp, w: F.conv2d(inp, w, None, *conv)  # noqa: E731
+            op = F.conv_transpose2d if ctx.transposed else F.conv2d
+            lin = lambda inp, w: op(inp, w, None, *conv)  # noqa: E731
         # R is the forward map x -> ē; its adjoint carries ē down, its local update is ē ⊗ x
         _, pull = vjp(lin, x, R)
         grad_x, grad_R = pull(ebar)
         _, pull_w = vjp(lambda w: lin(x, w), W)
         (grad_W,) = pull_w(e)
         grad_b = e.sum(0) if conv is None else e.sum((0, 2, 3))
-        return grad_x, grad_W, grad_b, grad_R, None, None
+        return grad_x, grad_W, grad_b, grad_R, None, None, None
 
 
 class PopulationNet(nn.Module):
@@ -60,7 +63,10 @@ class PopulationNet(nn.Module):
     def forward(self, x):
         for i, layer in enumerate(self.net):
             k = str(i)
-            if isinstance(layer, nn.Conv2d):
+            if isinstance(layer, nn.ConvTranspose2d):
+                conv = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+                x = _PopulationOp.apply(x, layer.weight, layer.bias, self.R[k], self.B[k], conv, True)
+            elif isinstance(layer, nn.Conv2d):
                 conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
                 x = _PopulationOp.apply(x, layer.weight, layer.bias, self.R[k], self.B[k], conv)
             elif isinstance(layer, nn.Linear):
@@ -72,7 +78,12 @@ class PopulationNet(nn.Module):
     def feedback(self, k):
         B, R = self.B[k], self.R[k].detach()
         g = B.shape[0]
-        return torch.bmm(B, R.reshape(g, R.shape[0] // g, -1)).reshape(self.net[int(k)].weight.shape)
+        shape = self.net[int(k)].weight.shape
+        if isinstance(self.net[int(k)], nn.ConvTranspose2d):
+            # W_b[(g, i), o, ...] = sum_j B[g, o, j] R[(g, i), j, ...]: W's (in, out/g, *k) layout
+            Rg = R.reshape(g, R.shape[0] // g, R.shape[1], -1)
+            return torch.einsum("goj,gijk->giok", B, Rg).reshape(shape)
+        return torch.bmm(B, R.reshape(g, R.shape[0] // g, -1)).reshape(shape)
 
 
 def _net():
@@ -82,7 +93,9 @@ def _net():
         nn.Tanh(),
         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
         nn.Tanh(),
-        nn.Conv2d(8, 12, 4),  # one output position per sample: the population mix is a matmul
+        nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2),  # 4x4 -> 8x8
+        nn.Tanh(),
+        nn.Conv2d(6, 12, 8),  # one output position per sample: the population mix is a matmul
         nn.Tanh(),
         nn.Flatten(),
         nn.Linear(12, 5),
@@ -127,7 +140,7 @@ def test_population_product_and_compact_forms_give_the_same_trajectory(variant, 
     population = PopulationNet(net, dict(pfa_fx.feedback_modules(forms["explicit-product"])))
     for model in (population, *forms.values()):
         _train(model, 30, SGD_VARIANTS[variant], data)
-    for k in ("0", "2", "4", "7"):
+    for k in ("0", "2", "4", "6", "9"):
         W_pop = population.net[int(k)].weight.detach()
         Wb_pop = population.feedback(k)
         for name, model in forms.items():

@@ -48,10 +48,15 @@ class FeedbackNode(nn.Module):
     #: whether W_b depends on trainable state (the op then returns grad_W for it)
     plastic: ClassVar[bool] = False
 
-    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, **options: Any):
+    def __init__(
+        self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False, **options: Any
+    ):
         super().__init__()
         self.groups = int(groups)
         self.weight_shape = tuple(weight.shape)
+        # a transposed convolution stores its weight as (in, out/groups, *k)
+        self.transposed = bool(transposed)
+        self.n_out = weight.shape[1] * self.groups if self.transposed else weight.shape[0]
         # A plain reference (not registered): the forward weight stays where the model
         # keeps it; state_dict and parameters() list it once, under its own name.
         self._weight_ref: list[Tensor] = [weight]
@@ -121,5 +126,18 @@ class FeedbackNode(nn.Module):
         return t.to(device=like.device, dtype=like.dtype)
 
     def _grouped(self, t: Tensor) -> Tensor:
-        """View a W-shaped tensor as ``(groups, out/groups, rest)``."""
-        return t.reshape(self.groups, t.shape[0] // self.groups, -1)
+        """A W-shaped (or R-shaped) tensor as ``(groups, rows, rest)``, rows along the
+        output axis: axis 0, or axis 1 of a transposed convolution's ``(in, out/g, *k)``."""
+        g = self.groups
+        if not self.transposed:
+            return t.reshape(g, t.shape[0] // g, -1)
+        a, r = t.shape[0] // g, t.shape[1]
+        return t.reshape(g, a, r, -1).transpose(1, 2).reshape(g, r, -1)
+
+    def _ungrouped(self, m: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Inverse of :meth:`_grouped`: ``(groups, rows, rest)`` back to ``shape``."""
+        if not self.transposed:
+            return m.reshape(shape)
+        g, r = m.shape[0], m.shape[1]
+        a = shape[0] // g
+        return m.reshape(g, r, a, -1).transpose(1, 2).reshape(shape)

@@ -9,8 +9,8 @@ from .base import FeedbackNode, xavier_std
 class FANode(FeedbackNode):
     rule = "fa"
 
-    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator):
-        super().__init__(weight, groups=groups, generator=generator)
+    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False):
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape)))
 
     def state(self) -> tuple[Tensor, ...]:

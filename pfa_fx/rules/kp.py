@@ -14,8 +14,8 @@ class KPNode(FeedbackNode):
     rule = "kp"
     plastic = True
 
-    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator):
-        super().__init__(weight, groups=groups, generator=generator)
+    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False):
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         init = self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape))
         self.B = nn.Parameter(init)
 

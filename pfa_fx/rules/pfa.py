@@ -82,8 +82,9 @@ class PFANode(FeedbackNode):
         expansion: float = 10,
         compact: bool = False,
         route: str = "auto",
+        transposed: bool = False,
     ):
-        super().__init__(weight, groups=groups, generator=generator)
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
             raise TypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
         if expansion <= 0 or (self.orthonormal and expansion < 1):
@@ -95,13 +96,18 @@ class PFANode(FeedbackNode):
             raise ValueError(f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
         self.route = route
         g = self.groups
-        out_g = weight.shape[0] // g
+        out_g = self.n_out // g
         nbar_g = max(1, round(expansion * out_g))
         self.nbar = nbar_g * g
 
         B = self._draw_B(g, out_g, nbar_g, generator)  # (g, out_g, nbar_g), float64
-        # R: (n̄, in/g, *k) drawn Xavier-uniform, as the paper's recipe does.
-        r_shape = (self.nbar, *weight.shape[1:])
+        # R: (n̄, in/g, *k) drawn Xavier-uniform, as the paper's recipe does; for a
+        # transposed convolution W's layout, (in, n̄/g, *k), so R is itself a weight of
+        # the same op from x to the population
+        if self.transposed:
+            r_shape = (weight.shape[0], nbar_g, *weight.shape[2:])
+        else:
+            r_shape = (self.nbar, *weight.shape[1:])
         # R holds expansion x |W| numbers: drawn in float32 (the same values on every
         # device and process) rather than float64, which would double time and memory
         R = torch.empty(r_shape, dtype=torch.float32)
@@ -110,12 +116,12 @@ class PFANode(FeedbackNode):
         if self.compact:
             G = B @ B.transpose(1, 2)
             G = (G + G.transpose(1, 2)) / 2  # exactly symmetric: the error-side mix uses G for G^T
-            BR = torch.bmm(B, R.double().reshape(g, nbar_g, -1))
-            S = torch.linalg.solve(G, BR)  # G S0 = B R0, computed in float64
+            BR = torch.bmm(B, self._grouped(R.double()))
+            S = self._ungrouped(torch.linalg.solve(G, BR), self.weight_shape)  # G S0 = B R0, in float64
             self.register_buffer("G", G.to(**to))
             # solve() returns column-major results: a non-contiguous S would cost a W-sized
             # reorder in every backward call and in every gradient accumulation
-            self.S = nn.Parameter(S.reshape(weight.shape).to(**to).contiguous())
+            self.S = nn.Parameter(S.to(**to).contiguous())
             self.S._pfa_compact = True  # lets the optimizer hook recognise compact state
             _watch_optimizers()
         else:
@@ -141,16 +147,14 @@ class PFANode(FeedbackNode):
         if self.compact and self.orthonormal:
             return T  # G = B B^T = I: W_b = S, KP's cost (G is kept for inspection only)
         M = self._mixer().to(T.dtype)
-        g = self.groups
-        return torch.bmm(M, T.reshape(g, T.shape[0] // g, -1)).reshape(self.weight_shape)
+        return self._ungrouped(torch.bmm(M, self._grouped(T)), self.weight_shape)
 
     def state_grads(self, grad_weight: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         if self.compact:
             return (grad_weight,)  # grad_S = grad_W: G·S then moves exactly as B·R would
-        g = self.groups
         B = self.B.to(grad_weight.dtype)
-        grad_R = torch.bmm(B.transpose(1, 2), grad_weight.reshape(g, grad_weight.shape[0] // g, -1))
-        return (grad_R.reshape(state[0].shape),)
+        grad_R = torch.bmm(B.transpose(1, 2), self._grouped(grad_weight))
+        return (self._ungrouped(grad_R, tuple(state[0].shape)),)
 
     def choose_route(self, positions: int) -> str:
         """``"product"`` (build ``W_b`` once, no batch dimension) or ``"population"`` (mix the
@@ -160,8 +164,8 @@ class PFANode(FeedbackNode):
             return "product"  # W_b = S: nothing to build
         if self.route != "auto":
             return self.route
-        n_out = self.weight_shape[0]
-        fan = math.prod(self.weight_shape[1:])
+        n_out = self.n_out
+        fan = math.prod(self.weight_shape) // n_out
         width = n_out // self.groups if self.compact else self.nbar // self.groups
         if self.compact:
             # G·S once vs. G^T e at every position

@@ -20,8 +20,10 @@ class SFNode(FeedbackNode):
     rule = "sf"
     options: ClassVar[dict[str, Any]] = {"variant": "usf"}
 
-    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, variant: str = "usf"):
-        super().__init__(weight, groups=groups, generator=generator)
+    def __init__(
+        self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False, variant: str = "usf"
+    ):
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if variant not in VARIANTS:
             raise ValueError(f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
         self.variant = variant
