@@ -161,6 +161,7 @@ class Built:
     kwargs: dict[str, Any]
     build_s: float
     params: int
+    dtype: torch.dtype = torch.float32
 
 
 class BuildError(RuntimeError):
@@ -217,8 +218,9 @@ def _probe(model: nn.Module, x: Tensor) -> None:
         model(x)
 
 
-def build_model(source: str, name: str, seed: int = 0) -> Built:
-    """The model at the first candidate (kwargs, size) that builds and runs in both modes."""
+def build_model(source: str, name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Built:
+    """The model at the first candidate (kwargs, size) that builds and runs in both modes,
+    with parameters in ``dtype`` (bfloat16 lets the largest models fit this machine)."""
     t0 = time.perf_counter()
     if source == "tv":
         cands, channels = tv_candidates(name), 3
@@ -238,7 +240,11 @@ def build_model(source: str, name: str, seed: int = 0) -> Built:
             gc.collect()
             try:
                 torch.manual_seed(seed)
-                model = factory(**cand.kwargs)
+                torch.set_default_dtype(dtype)
+                try:
+                    model = factory(**cand.kwargs)
+                finally:
+                    torch.set_default_dtype(torch.float32)
                 model_key = key
             except Exception as exc:
                 model_key = None
@@ -249,12 +255,12 @@ def build_model(source: str, name: str, seed: int = 0) -> Built:
         assert model is not None
         x = torch.randn(BATCH, channels, cand.size, cand.size, generator=torch.Generator().manual_seed(seed))
         try:
-            _probe(model, x)
+            _probe(model, x.to(dtype))
         except Exception as exc:
             errors.append(f"{cand.size}px {cand.kwargs or ''}: {_first_line(exc)}".replace("  ", " "))
             continue
         params = sum(p.numel() for p in model.parameters())
-        return Built(model, cand.size, channels, cand.kwargs, time.perf_counter() - t0, params)
+        return Built(model, cand.size, channels, cand.kwargs, time.perf_counter() - t0, params, dtype)
     raise BuildError("; ".join(errors[-3:]) or "no candidate input size")
 
 
@@ -391,17 +397,38 @@ def rule_options(rule: str, params: int, opts: Mapping[str, Any], big_params: fl
     return chosen
 
 
-def check_rule(built: Built, rule: str, opts: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+def check_rule(
+    built: Built, rule: str, opts: Mapping[str, Any], seed: int = 0, release_model: bool = False
+) -> dict[str, Any]:
     """Convert ``built.model`` with ``rule`` and run every check; one CSV row (minus the
-    model identity columns)."""
+    model identity columns). ``release_model``: the reference outputs are computed first
+    and the original model is dropped once converted (one copy fewer in memory; for the
+    last rule of a model too large for this machine otherwise)."""
     model = built.model
     row: dict[str, Any] = {"rule": rule, "opts": json.dumps(dict(opts), sort_keys=True) if opts else ""}
+    x = torch.randn(BATCH, built.channels, built.size, built.size, generator=torch.Generator().manual_seed(seed + 1))
+    x = x.to(built.dtype)
+    refs: dict[bool, Any] = {}
+    if release_model:
+        # train-mode forwards update running statistics: put them back before converting
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        with torch.no_grad():  # the forward values are what is compared
+            for mode in (False, True):
+                model.train(mode)
+                torch.manual_seed(seed + 2)
+                refs[mode] = model(x)
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        del buffers
     t0 = time.perf_counter()
     try:
         gm = pfa_fx.convert(model, rule, seed=seed, **opts)
     except Exception as exc:
         row.update(status=CONVERSION_ERROR, reason=_first_line(exc), convert_s=round(time.perf_counter() - t0, 2))
         return row
+    if release_model:
+        built.model = model = None
+        gc.collect()
     row["convert_s"] = round(time.perf_counter() - t0, 2)
     row["conversion_path"] = conversion_path(gm)
     row["ops_converted"] = len(list(pfa_fx.feedback_modules(gm)))
@@ -414,15 +441,17 @@ def check_rule(built: Built, rule: str, opts: Mapping[str, Any], seed: int = 0) 
 
     t1 = time.perf_counter()
     problems: list[tuple[str, str]] = []
-    x = torch.randn(BATCH, built.channels, built.size, built.size, generator=torch.Generator().manual_seed(seed + 1))
     try:
         diffs = {}
         out: Any = None
         for mode in (False, True):  # train last: its graph feeds the audit and backward
-            model.train(mode)
             gm.train(mode)
-            torch.manual_seed(seed + 2)
-            ref = model(x)
+            if release_model:
+                ref = refs.pop(mode)
+            else:
+                model.train(mode)
+                torch.manual_seed(seed + 2)
+                ref = model(x)
             torch.manual_seed(seed + 2)
             out = gm(x)
             diffs[mode] = compare_outputs(ref, out)
@@ -448,7 +477,8 @@ def check_rule(built: Built, rule: str, opts: Mapping[str, Any], seed: int = 0) 
     except Exception as exc:
         problems.insert(0, (CHECK_ERROR, _first_line(exc)))
     finally:
-        model.zero_grad(set_to_none=True)
+        if model is not None:
+            model.zero_grad(set_to_none=True)
         del gm
         gc.collect()
     row["check_s"] = round(time.perf_counter() - t1, 2)
@@ -472,31 +502,36 @@ def check_model(
     big_params: float = 60.0,
     big_opts: Mapping[str, Any] | None = None,
     seed: int = 0,
+    lean_params: float | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Build one model and yield a complete CSV row per rule (as each finishes)."""
+    """Build one model and yield a complete CSV row per rule (as each finishes). Models
+    over ``lean_params`` million parameters are checked lean: built in bfloat16, reference
+    outputs computed first, the original dropped after the last rule's conversion."""
     opts = dict(opts or {})
     big_opts = {"expansion": 1} if big_opts is None else dict(big_opts)
     if not _REV:
         _REV.append(pfa_fx_revision())
     base = {"source": source, "model": name}
+    lean = lean_params is not None and (estimate_params(source, name) or 0) > lean_params * 1e6
     try:
-        built = build_model(source, name, seed)
+        built = build_model(source, name, seed, torch.bfloat16 if lean else torch.float32)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, BuildError) else _first_line(exc)
         for rule in rules:
             yield _finish({**base, "rule": rule, "status": BUILD_ERROR, "reason": reason})
         return
+    build_kwargs = {**built.kwargs, "dtype": "bfloat16"} if lean else built.kwargs
     base.update(
         input_size=built.size,
-        build_kwargs=json.dumps(built.kwargs) if built.kwargs else "",
+        build_kwargs=json.dumps(build_kwargs) if build_kwargs else "",
         params_m=round(built.params / 1e6, 2),
         weight_modules=sum(isinstance(m, WEIGHT_MODULES) for m in built.model.modules()),
         build_s=round(built.build_s, 2),
     )
-    for rule in rules:
+    for i, rule in enumerate(rules):
         chosen = rule_options(rule, built.params, opts, big_params, big_opts)
         try:
-            row = check_rule(built, rule, chosen, seed)
+            row = check_rule(built, rule, chosen, seed, release_model=lean and i == len(rules) - 1)
         except Exception as exc:  # a bug in this script, not in the model: keep going
             row = {"rule": rule, "status": CHECK_ERROR, "reason": f"harness: {_first_line(exc)}"}
         yield _finish({**base, **row})
@@ -518,11 +553,12 @@ def _check_to_file(
     big_params: float,
     big_opts: Mapping[str, Any],
     seed: int,
+    lean_params: float | None = None,
 ) -> None:
     """Append one JSON row per rule to ``out``, flushed as each finishes (a timeout then
     keeps the rules already done)."""
     with open(out, "a") as f:
-        for row in check_model(source, name, rules, opts, big_params, big_opts, seed):
+        for row in check_model(source, name, rules, opts, big_params, big_opts, seed, lean_params):
             f.write(json.dumps(row) + "\n")
             f.flush()
 
@@ -533,7 +569,9 @@ def _worker(source: str, name: str, rules: list[str], out: str, err: str, args: 
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(args["threads"])
-    _check_to_file(source, name, rules, out, args["opts"], args["big_params"], args["big_opts"], args["seed"])
+    _check_to_file(
+        source, name, rules, out, args["opts"], args["big_params"], args["big_opts"], args["seed"], args["lean_params"]
+    )
 
 
 def run_one(args: argparse.Namespace) -> int:
@@ -545,9 +583,10 @@ def run_one(args: argparse.Namespace) -> int:
         source, name = ("tv" if source in tv_names else "timm"), source
     opts, big_opts = parse_opts(args.opt), parse_opts(args.big_opts)
     if args.out:
-        _check_to_file(source, name, args.rules, args.out, opts, args.big_params, big_opts, args.seed)
+        _check_to_file(source, name, args.rules, args.out, opts, args.big_params, big_opts, args.seed, args.lean_params)
     else:
-        for row in check_model(source, name, args.rules, opts, args.big_params, big_opts, args.seed):
+        rows = check_model(source, name, args.rules, opts, args.big_params, big_opts, args.seed, args.lean_params)
+        for row in rows:
             print(json.dumps(row), flush=True)
     return 0
 
@@ -661,6 +700,7 @@ def sweep(args: argparse.Namespace) -> None:
         "big_params": args.big_params,
         "big_opts": parse_opts(args.big_opts),
         "seed": args.seed,
+        "lean_params": args.lean_params,
     }
     tmp = Path(tempfile.mkdtemp(prefix="pfa_coverage_"))
     counts: Counter[str] = Counter()
@@ -839,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--big-opts", nargs="*", default=["expansion=1"], help="PFA options for models above --big-params")
     p.add_argument(
         "--solo-params", type=float, default=150.0, help="millions of parameters above which a model runs alone"
+    )
+    p.add_argument(
+        "--lean-params",
+        type=float,
+        default=300.0,
+        help="millions of parameters above which a model is checked lean (bfloat16, one copy fewer)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model (all its rules)")
     p.add_argument("--jobs", type=int, default=1, help="models checked at once, one worker process each")

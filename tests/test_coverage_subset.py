@@ -6,6 +6,7 @@ head, ViTs with nn.MultiheadAttention, optional mask arguments, relative-positio
 exactly as the sweep checks it; plus the sweep's own bookkeeping (timeout, resume,
 summary)."""
 
+import json
 from collections import namedtuple
 from pathlib import Path
 
@@ -118,3 +119,12 @@ def test_sweep_times_out_resumes_retries_and_summarises(tmp_path: Path):
     md.unlink()
     coverage.main(["--csv", str(csv_path), "--no-run", "--summary", str(md)])  # from the CSV alone
     assert "| tv | fa | 1 | 1 |" in md.read_text()
+
+
+def test_lean_check_of_a_large_model_builds_in_bfloat16_and_still_compares_both_modes():
+    # the path the sweep takes for models too big for this machine in float32; BatchNorm
+    # makes the train-mode reference forward update running stats, which must be undone
+    (row,) = coverage.check_model("timm", "resnet18", ["pfa"], lean_params=1)
+    assert row["status"] == coverage.PASS, f"{row['status']}: {row['reason']}"
+    assert json.loads(row["build_kwargs"])["dtype"] == "bfloat16"
+    assert row["eval_equal"] is True and row["train_equal"] is True
