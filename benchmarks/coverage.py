@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import csv
 import fnmatch
+import functools
 import gc
 import json
 import math
@@ -397,6 +398,12 @@ def rule_options(rule: str, params: int, opts: Mapping[str, Any], big_params: fl
     return chosen
 
 
+def _check_grad(name: str, bad: list[str], p: Tensor) -> None:
+    if not torch.isfinite(p.grad).all():
+        bad.append(name)
+    p.grad = None
+
+
 def check_rule(
     built: Built, rule: str, opts: Mapping[str, Any], seed: int = 0, release_model: bool = False
 ) -> dict[str, Any]:
@@ -469,8 +476,19 @@ def check_rule(
         if left:
             names = ", ".join(left[:4]) + (f" (+{len(left) - 4} more)" if len(left) > 4 else "")
             problems.append((LEFT_ON_BP, f"{len(left)} weight(s) left on BP: {names}"))
-        loss.backward()
-        bad = [n for n, p in gm.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        # each gradient is checked as it is accumulated, then dropped: the largest models
+        # never hold all their gradients at once
+        bad: list[str] = []
+        hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(_check_grad, n, bad))
+            for n, p in gm.named_parameters()
+            if p.requires_grad
+        ]
+        try:
+            loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
         row["grads_finite"] = not bad
         if bad:
             problems.append((NONFINITE_GRAD, f"non-finite grad in {len(bad)} param(s): {', '.join(bad[:3])}"))
