@@ -779,8 +779,19 @@ COLUMNS = [
     (LEFT_ON_BP, "left on BP"),
     (CONVERSION_ERROR, "conversion error"),
     (TIMEOUT, "timeout"),
+    ("memory", "out of memory here"),
     ("other", "other"),
 ]
+_OOM = ("can't allocate memory", "out of memory", "cannot allocate memory", "memoryerror")
+
+
+def summary_status(row: Mapping[str, str]) -> str:
+    """The summary's column for a row: failures caused by this machine's memory (the
+    allocator refusing, or the worker killed) are counted apart from conversion failures."""
+    status, reason = row["status"], row.get("reason", "").lower()
+    if status != PASS and (status == CRASH or any(k in reason for k in _OOM)):
+        return "memory"
+    return status if status in dict(COLUMNS) else "other"
 
 
 def _cell(text: str) -> str:
@@ -793,8 +804,7 @@ def write_summary(csv_path: Path, out_path: Path) -> str:
     by: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     paths: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for r in rows:
-        status = r["status"] if r["status"] in dict(COLUMNS) else "other"
-        by[(r["source"], r["rule"])][status] += 1
+        by[(r["source"], r["rule"])][summary_status(r)] += 1
         if r.get("conversion_path"):
             paths[(r["source"], r["rule"])][r["conversion_path"]] += 1
     lines = [
@@ -819,6 +829,14 @@ def write_summary(csv_path: Path, out_path: Path) -> str:
         lines.append(
             f"| {source} | {rule} | {sum(c.values())} | {cells} | "
             f"{p.get('traced', 0)} / {p.get('fallback', 0)} / {p.get('eager', 0)} |"
+        )
+    lines.append("")
+    for (source, rule), c in sorted(by.items()):
+        n = sum(c.values())
+        fit = n - c.get("memory", 0) - c.get(BUILD_ERROR, 0)
+        lines.append(
+            f"- {source} / {rule}: {c.get(PASS, 0)} of {n} pass ({100 * c.get(PASS, 0) / n:.1f} %); "
+            f"of the {fit} that build and fit this machine's memory, {100 * c.get(PASS, 0) / max(fit, 1):.1f} %."
         )
     revs = Counter(r.get("pfa_fx_rev") or "not recorded" for r in rows)
     lines += ["", "pfa_fx revision per row: " + ", ".join(f"`{k}` {v}" for k, v in sorted(revs.items())) + "."]

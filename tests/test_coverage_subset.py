@@ -128,3 +128,11 @@ def test_lean_check_of_a_large_model_builds_in_bfloat16_and_still_compares_both_
     assert row["status"] == coverage.PASS, f"{row['status']}: {row['reason']}"
     assert json.loads(row["build_kwargs"])["dtype"] == "bfloat16"
     assert row["eval_equal"] is True and row["train_equal"] is True
+
+
+def test_summary_counts_failures_of_this_machines_memory_apart_from_conversion_failures():
+    oom = "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 253755392 bytes"
+    assert coverage.summary_status({"status": "conversion_error", "reason": oom}) == "memory"
+    assert coverage.summary_status({"status": "crash", "reason": "worker exited with -9"}) == "memory"
+    assert coverage.summary_status({"status": "conversion_error", "reason": "TraceError: ..."}) == "conversion_error"
+    assert coverage.summary_status({"status": "pass", "reason": ""}) == "pass"
