@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.01, help="on every parameter, feedback state included")
     p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
+    p.add_argument(
+        "--scale",
+        default="xavier",
+        type=lambda v: v if v in ("xavier", "weight") else float(v),
+        help="scale of drawn feedback state: xavier (the paper's), weight (W's own RMS) or a number",
+    )
     p.add_argument("--seed", type=int, default=0, help="init, feedback state, split and batch order")
     p.add_argument("--cifar", type=Path, default=None, help="CIFAR-10 root (torchvision layout) instead of MNIST")
     p.add_argument("--n-eval", type=int, default=1000, help="held-out images to evaluate on")
@@ -321,7 +327,10 @@ class Run:
 
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
-    return {"expansion": args.expansion, "compact": True} if rule in ("pfa", "pfa-o") else {}
+    opts: dict[str, Any] = {"expansion": args.expansion, "compact": True} if rule in ("pfa", "pfa-o") else {}
+    if rule != "bp" and args.scale != "xavier":
+        opts["scale"] = args.scale
+    return opts
 
 
 def sgd(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -576,7 +585,7 @@ def write_markdown(
         f"- recipe: {args.steps} steps, batch {args.batch}, SGD momentum {args.momentum}, weight decay "
         f"{args.weight_decay} (all parameters, feedback state included), lr {args.lr} (linear warmup "
         f"{args.warmup:.0%} of steps, cosine to 0), seed {args.seed}; pfa and pfa-o: expansion "
-        f"{args.expansion:g}, compact=True",
+        f"{args.expansion:g}, compact=True; feedback scale: {args.scale}",
         "",
         f"![ablation]({png})",
         "",

@@ -231,8 +231,14 @@ def test_unknown_rule_lists_the_valid_ones():
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown option 'expnasion'.*compact, expansion"):
         pfa_fx.convert(MLP(), "pfa", expnasion=4)
-    with pytest.raises(ValueError, match=r"unknown option 'expansion' for rule\(s\) fa; valid options: none"):
+    with pytest.raises(ValueError, match=r"unknown option 'expansion' for rule\(s\) fa; valid options: scale"):
         pfa_fx.convert(MLP(), "fa", expansion=4)
+    with pytest.raises(ValueError, match=r"unknown option 'scale' for rule\(s\) bp; valid options: none"):
+        pfa_fx.convert(MLP(), "bp", scale="weight")
+    with pytest.raises(ValueError, match="valid scales: xavier, weight or a positive number"):
+        pfa_fx.convert(MLP(), "kp", scale="he")
+    with pytest.raises(ValueError, match="scale must be"):
+        pfa_fx.convert(MLP(), "pfa", scale=-1.0)
     with pytest.raises(ValueError, match="valid variants: usf, frsf, brsf"):
         pfa_fx.convert(MLP(), "sf", variant="xsf")
 

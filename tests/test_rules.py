@@ -201,3 +201,22 @@ def test_pfa_o_needs_expansion_at_least_one():
     with pytest.raises(ValueError, match=">= 1"):
         pfa_fx.convert(MLP(), "pfa-o", expansion=0.5)
     pfa_fx.convert(MLP(), "pfa", expansion=0.5)  # plain pfa accepts a bottleneck
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp", "sf", "pfa"])
+def test_feedback_scale_follows_the_weights_when_asked(rule):
+    # timm ViTs start far below Xavier scale; "weight" draws feedback at W's own RMS
+    torch.manual_seed(0)
+    model = MLP((200, 300, 10)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+    rms = model[0].weight.square().mean().sqrt().item()
+    xavier = _nodes(pfa_fx.convert(model, rule))["0"].feedback_weight()
+    scaled = _nodes(pfa_fx.convert(model, rule, scale="weight"))["0"].feedback_weight()
+    fixed = _nodes(pfa_fx.convert(model, rule, scale=0.05))["0"].feedback_weight()
+    rel = 0.1 if rule == "pfa" else 0.03  # B·R: B B^T is near, not at, the identity
+    assert scaled.square().mean().sqrt().item() == pytest.approx(rms, rel=rel)
+    assert fixed.square().mean().sqrt().item() == pytest.approx(0.05, rel=rel)
+    # the default is the paper's recipe: Xavier for the state's own shape (PFA: R, n̄ x n_in)
+    default = xavier_std((3000, 200)) if rule == "pfa" else xavier_std((300, 200))
+    assert xavier.square().mean().sqrt().item() == pytest.approx(default, rel=rel)

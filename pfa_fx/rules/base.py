@@ -34,6 +34,26 @@ def xavier_std(shape: torch.Size | tuple[int, ...]) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
+SCALES = ("xavier", "weight")
+
+
+def feedback_std(weight: Tensor, scale: str | float, rule: str) -> float:
+    """Standard deviation for drawn feedback state: ``"xavier"`` for W's shape (the
+    paper's recipe), ``"weight"`` for W's own root-mean-square at conversion (suits
+    pretrained weights and models initialised far below Xavier scale, e.g. timm ViTs),
+    or a positive number."""
+    if isinstance(scale, str):
+        if scale == "xavier":
+            return xavier_std(weight.shape)
+        if scale == "weight":
+            rms = float(weight.detach().double().square().mean().sqrt())
+            return rms if rms > 0 else xavier_std(weight.shape)
+        raise ValueError(f"{rule}: unknown scale {scale!r}; valid scales: {', '.join(SCALES)} or a positive number")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{rule}: scale must be one of {', '.join(SCALES)} or a positive number, got {scale!r}")
+    return float(scale)
+
+
 class FeedbackNode(nn.Module):
     """Feedback state of one weight op.
 

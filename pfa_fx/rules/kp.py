@@ -4,19 +4,31 @@ The op returns ``grad_W`` as B's gradient, so with the same optimizer and weight
 ``B - W`` decays geometrically and ``B -> W``.
 """
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from .base import FeedbackNode, xavier_std
+from .base import FeedbackNode, feedback_std
 
 
 class KPNode(FeedbackNode):
     rule = "kp"
     plastic = True
+    options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
 
-    def __init__(self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False):
+    def __init__(
+        self,
+        weight: Tensor,
+        *,
+        groups: int,
+        generator: torch.Generator,
+        transposed: bool = False,
+        scale: str | float = "xavier",
+    ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        init = self.draw(tuple(weight.shape), generator, weight, xavier_std(weight.shape))
+        self.scale = scale
+        init = self.draw(tuple(weight.shape), generator, weight, feedback_std(weight, scale, self.rule))
         self.B = nn.Parameter(init)
 
     def state(self) -> tuple[Tensor, ...]:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .base import FeedbackNode
+from .base import FeedbackNode, feedback_std, xavier_std
 
 ROUTES = ("auto", "product", "population")
 _SGD_EXACT = (torch.optim.SGD,)
@@ -70,7 +70,7 @@ def _watch_optimizers() -> None:
 class PFANode(FeedbackNode):
     rule = "pfa"
     plastic = True
-    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "route": "auto"}
+    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "route": "auto", "scale": "xavier"}
     orthonormal = False
 
     def __init__(
@@ -83,6 +83,7 @@ class PFANode(FeedbackNode):
         compact: bool = False,
         route: str = "auto",
         transposed: bool = False,
+        scale: str | float = "xavier",
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
@@ -112,6 +113,10 @@ class PFANode(FeedbackNode):
         # device and process) rather than float64, which would double time and memory
         R = torch.empty(r_shape, dtype=torch.float32)
         nn.init.xavier_uniform_(R, generator=generator)
+        self.scale = scale
+        if scale != "xavier":
+            # W_b = B·R has R's entry scale (B B^T ≈ I): rescale R to the asked-for one
+            R.mul_(feedback_std(weight, scale, self.rule) / xavier_std(r_shape))
         to = {"device": weight.device, "dtype": weight.dtype}
         if self.compact:
             G = B @ B.transpose(1, 2)

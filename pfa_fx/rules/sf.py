@@ -1,6 +1,7 @@
 """Sign-concordant feedback: ``W_b = sign(W) * M`` (Liao et al. 2016; Xiao et al. 2018).
 
-Variants (``variant=``): ``"usf"`` one constant per layer (W's init scale), ``"frsf"``
+Variants (``variant=``): ``"usf"`` one constant per layer (W's Xavier scale, or
+``scale="weight"``: W's own root-mean-square, or a number), ``"frsf"``
 fixed random magnitudes, ``"brsf"`` magnitudes redrawn at every forward (batch) from a
 generator seeded by ``(seed, op name, step)``, so every process draws the same.
 """
@@ -11,23 +12,31 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import FeedbackNode, xavier_std
+from .base import FeedbackNode, feedback_std
 
 VARIANTS = ("usf", "frsf", "brsf")
 
 
 class SFNode(FeedbackNode):
     rule = "sf"
-    options: ClassVar[dict[str, Any]] = {"variant": "usf"}
+    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": "xavier"}
 
     def __init__(
-        self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False, variant: str = "usf"
+        self,
+        weight: Tensor,
+        *,
+        groups: int,
+        generator: torch.Generator,
+        transposed: bool = False,
+        variant: str = "usf",
+        scale: str | float = "xavier",
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if variant not in VARIANTS:
             raise ValueError(f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
         self.variant = variant
-        self.std = xavier_std(weight.shape)
+        self.scale = scale
+        self.std = feedback_std(weight, scale, self.rule)
         if variant == "frsf":
             self.register_buffer("M", self.draw(tuple(weight.shape), generator, weight, self.std).abs())
         elif variant == "brsf":
