@@ -344,7 +344,10 @@ class _Rewriter:
                 m = self.gm.get_submodule(node.target)
                 if is_plain_weight_module(m):
                     self._rewrite_module_call(graph, node, m)
-                elif hidden := _hidden_weights(m, node.target):
+                    continue
+                hidden = _hidden_weights(m, node.target)
+                self._note_unroutable(m, node.target, hidden)
+                if hidden:
                     self._rewrite_opaque_call(graph, node, hidden)
             elif node.op == "call_function" and (
                 node.target in _LINEAR_FNS or node.target in _CONV_FNS or node.target in _CONV_T_FNS
@@ -359,6 +362,23 @@ class _Rewriter:
             ):
                 self._rewrite_opaque_call(graph, node, hidden)
         graph.lint()  # no dead-code elimination: the model's own side effects stay
+
+    def _note_unroutable(self, m: nn.Module, path: str, hidden: list[_Hidden]) -> None:
+        """Weight-like parameters (>= 2-D, named ``*weight``) that an opaque module uses in
+        code the pass cannot route (e.g. timm's CondConv2d mixes a kernel per sample):
+        recorded, so the report names them and ``strict=True`` refuses."""
+        routed = {id(h.weight) for h in hidden}
+        for rel, sub in m.named_modules():
+            if isinstance(sub, (*WEIGHT_MODULES, nn.Embedding, nn.EmbeddingBag)):
+                continue
+            for name, p in sub.named_parameters(recurse=False):
+                if p.dim() >= 2 and name.endswith("weight") and id(p) not in routed:
+                    full = ".".join(x for x in (path, rel, name) if x)
+                    key = full[: -len(".weight")] if full.endswith(".weight") else full
+                    self.skipped[key] = (
+                        f"used inside opaque module '{path}' ({type(m).__qualname__}) by code the pass "
+                        "cannot route (not a Linear/Conv weight): stays on BP"
+                    )
 
     def _feedback_attr(self, graph: fx.Graph, key: str) -> fx.Node:
         return graph.get_attr(f"{NAMESPACE}.{key}")
@@ -418,7 +438,9 @@ class _Rewriter:
         key = param_path[: -len(".weight")] if param_path.endswith(".weight") else param_path
         groups = bound.get("groups", 1)
         if not isinstance(groups, int):
-            self.skipped[key] = "groups is computed at run time"
+            # e.g. CondConv: one kernel per sample, mixed from experts by input-dependent
+            # routing; its feedback would have to be mixed the same way
+            self.skipped[key] = "groups is computed at run time (a per-sample kernel, e.g. CondConv)"
             return
         fb = self.node_for(key, weight, groups, owner, transposed=transposed)
         if fb is None:

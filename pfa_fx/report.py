@@ -108,7 +108,7 @@ def report(model: nn.Module) -> ConversionReport:
         if p.dim() < 2 or id(p) in weights or name.startswith(NAMESPACE + "."):
             continue
         key = name[: -len(".weight")] if name.endswith(".weight") else name
-        if key in rep.kept_native:
+        if key in rep.kept_native or key in rep.not_converted:  # listed with its reason already
             continue
         owner = modules.get(name.rpartition(".")[0])
         rep.left_alone.append(LeftAlone(name, tuple(p.shape), _why_left_alone(name, owner)))

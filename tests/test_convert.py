@@ -527,3 +527,27 @@ class Opaque(nn.Module):
         if x.sum() > float("inf"):  # data-dependent: tracing fails, the fallback keeps it opaque
             return x
         return self.inner(x)
+
+
+class ExpertMixedConv(nn.Module):
+    """timm's CondConv: one kernel per sample, mixed from experts by the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.route = nn.Linear(3, 4)
+        self.conv = timm.layers.CondConv2d(3, 8, 3, padding=1, num_experts=4)
+
+    def forward(self, x):
+        return self.conv(x, torch.sigmoid(self.route(x.mean((2, 3)))))
+
+
+def test_per_sample_kernels_in_opaque_modules_are_reported_and_strict_refuses():
+    model = ExpertMixedConv()
+    gm = pfa_fx.convert(model, "fa")
+    rep = pfa_fx.report(gm)
+    # timm keeps CondConv2d opaque to tracing; its expert bank is no Linear/Conv weight
+    assert "opaque module 'conv' (CondConv2d)" in rep.not_converted["conv"]
+    assert "conv.weight" not in {p.name for p in rep.left_alone}
+    assert [op.name for op in rep.ops] == ["route"]
+    with pytest.raises(pfa_fx.ConversionError, match="conv: used inside opaque module"):
+        pfa_fx.convert(model, "fa", strict=True)

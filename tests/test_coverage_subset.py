@@ -115,7 +115,7 @@ def test_sweep_times_out_resumes_retries_and_summarises(tmp_path: Path):
     rows = coverage.latest_rows(coverage.read_rows(csv_path))
     assert [(r["model"], r["status"]) for r in rows] == [("squeezenet1_1", coverage.PASS)]
     text = md.read_text()
-    assert "| tv | fa | 1 | 1 | 0 | 0 | 0 | 0 | 0 | 1 / 0 / 0 |" in text
+    assert "| tv | fa | 1 | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 1 / 0 / 0 |" in text
     md.unlink()
     coverage.main(["--csv", str(csv_path), "--no-run", "--summary", str(md)])  # from the CSV alone
     assert "| tv | fa | 1 | 1 |" in md.read_text()
