@@ -363,11 +363,18 @@ class _Rewriter:
                 self._rewrite_opaque_call(graph, node, hidden)
         graph.lint()  # no dead-code elimination: the model's own side effects stay
 
+    def node_for_hidden(self, h: _Hidden, path: str) -> FeedbackNode | None:
+        node = self.node_for(h.key, h.weight, h.groups, h.owner, path, h.transposed)
+        if node is not None and h.bank is not None:
+            node._weight_ref = [h.bank]  # the parameter itself: follows .to() and loads
+            node.expert_bank = True
+        return node
+
     def _note_unroutable(self, m: nn.Module, path: str, hidden: list[_Hidden]) -> None:
         """Weight-like parameters (>= 2-D, named ``*weight``) that an opaque module uses in
         code the pass cannot route (e.g. timm's CondConv2d mixes a kernel per sample):
         recorded, so the report names them and ``strict=True`` refuses."""
-        routed = {id(h.weight) for h in hidden}
+        routed = {id(h.weight if h.bank is None else h.bank) for h in hidden}
         for rel, sub in m.named_modules():
             if isinstance(sub, (*WEIGHT_MODULES, nn.Embedding, nn.EmbeddingBag)):
                 continue
@@ -505,11 +512,7 @@ class _Rewriter:
     def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[_Hidden]) -> None:
         """Weights used inside code tracing keeps opaque: route their ops at run time."""
         path = "opaque module" if node.op == "call_module" else "opaque function"
-        routes = [
-            (h.param_path, h.key)
-            for h in hidden
-            if self.node_for(h.key, h.weight, h.groups, h.owner, path, h.transposed)
-        ]
+        routes = [(h.param_path, h.key) for h in hidden if self.node_for_hidden(h, path)]
         if not routes:
             return
         with graph.inserting_before(node):
@@ -532,6 +535,7 @@ class _Hidden(NamedTuple):
     groups: int
     owner: nn.Module
     transposed: bool = False
+    bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
 
 
 def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
@@ -541,7 +545,13 @@ def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
     for rel, sub in m.named_modules():
         base = ".".join(p for p in (path, rel) if p)
         prefix = f"{base}." if base else ""
-        if isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
+        if (bank := _expert_bank_shape(sub)) is not None:
+            # a bank of expert kernels (timm's CondConv2d), held as kernels: one feedback
+            # state per expert, block-diagonal over experts (and groups) like a grouped conv
+            kernels = sub.weight.detach().reshape(bank)
+            groups = sub.num_experts * getattr(sub, "groups", 1)
+            found.append(_Hidden(f"{prefix}weight", base or "weight", kernels, groups, sub, False, sub.weight))
+        elif isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
             groups, transposed = getattr(sub, "groups", 1), isinstance(sub, _TRANSPOSED_MODULES)
             found.append(_Hidden(f"{prefix}weight", base or "weight", sub.weight, groups, sub, transposed))
         if isinstance(sub, nn.MultiheadAttention):
@@ -550,6 +560,17 @@ def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
                 if isinstance(p, torch.Tensor):
                     found.append(_Hidden(f"{prefix}{name}", f"{prefix}{name}", p, 1, sub))
     return found
+
+
+def _expert_bank_shape(m: nn.Module) -> tuple[int, ...] | None:
+    """``(experts·out, in/g, *k)`` for a module holding a bank of flattened expert kernels
+    ``(experts, out·in/g·k…)`` mixed per sample (timm's CondConv2d), else None."""
+    shape, experts, w = getattr(m, "weight_shape", None), getattr(m, "num_experts", None), getattr(m, "weight", None)
+    if not (isinstance(shape, tuple) and isinstance(experts, int) and isinstance(w, nn.Parameter)):
+        return None
+    if w.dim() != 2 or tuple(w.shape) != (experts, math.prod(shape)):
+        return None
+    return (experts * shape[0], *shape[1:])
 
 
 def _weights_passed_to(gm: nn.Module, node: fx.Node) -> list[_Hidden]:
@@ -769,7 +790,7 @@ def _convert_eagerly(
     rewriter = _Rewriter(root, root, spec, dict(options), seed)
     routes = []
     for h in _hidden_weights(root, ""):
-        if rewriter.node_for(h.key, h.weight, h.groups, h.owner, "eager", h.transposed) is not None:
+        if rewriter.node_for_hidden(h, "eager") is not None:
             routes.append((h.param_path, h.key))
     root.pfa_routes = tuple(routes)
     root.pfa_fallbacks = {"": reason}

@@ -50,11 +50,25 @@ def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int
     return None
 
 
+def _route_matmul(args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
+    """``routing @ bank`` on a routed bank of expert kernels (timm's CondConv)."""
+    if len(args) == 2 and not kwargs and isinstance(args[1], Tensor):
+        node = routes.get(id(args[1]))
+        if node is not None and getattr(node, "expert_bank", False):
+            return ops.feedback_expert_mix(args[0], args[1], node)
+    return torch.matmul(*args, **kwargs)
+
+
 def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
     names = ("input", "weight", "bias") if func in _LINEAR else _CONV_T_ARGS if func in _CONV_T else _CONV_ARGS
     bound = dict(zip(names, args))
     bound.update(kwargs)
     weight = bound.get("weight")
+    mix = ops.expert_mix_of(weight) if func in _CONV and isinstance(weight, Tensor) else None
+    if mix is not None:  # per-sample kernels mixed from a routed expert bank
+        node = ops.PerSampleKernelFeedback(weight, mix)
+        rest = (bound.get(k, d) for k, d in zip(_CONV_ARGS[3:], (1, 0, 1, 1)))
+        return ops.feedback_conv(bound["input"], weight, bound.get("bias"), node, *rest)
     node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
     if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):
         return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
@@ -104,6 +118,8 @@ class _RouteWeightOps(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _LINEAR or func in _CONV or func in _CONV_T:
             return _route_call(func, args, kwargs, self.routes)
+        if func is torch.matmul:
+            return _route_matmul(args, kwargs, self.routes)
         if inspect.isfunction(func):  # a Python composite: its inner calls must be seen too
             with _functional_patched(self.routes):
                 return func(*args, **kwargs)

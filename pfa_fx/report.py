@@ -13,6 +13,8 @@ _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 def _kind(node) -> str:
     kind = _KIND.get(len(node.weight_shape), f"{len(node.weight_shape)}-d")
+    if getattr(node, "expert_bank", False):
+        return f"{kind} expert bank"
     return kind.replace("conv", "conv_transpose") if getattr(node, "transposed", False) else kind
 
 

@@ -541,13 +541,62 @@ class ExpertMixedConv(nn.Module):
         return self.conv(x, torch.sigmoid(self.route(x.mean((2, 3)))))
 
 
-def test_per_sample_kernels_in_opaque_modules_are_reported_and_strict_refuses():
-    model = ExpertMixedConv()
-    gm = pfa_fx.convert(model, "fa")
-    rep = pfa_fx.report(gm)
-    # timm keeps CondConv2d opaque to tracing; its expert bank is no Linear/Conv weight
-    assert "opaque module 'conv' (CondConv2d)" in rep.not_converted["conv"]
-    assert "conv.weight" not in {p.name for p in rep.left_alone}
-    assert [op.name for op in rep.ops] == ["route"]
-    with pytest.raises(pfa_fx.ConversionError, match="conv: used inside opaque module"):
-        pfa_fx.convert(model, "fa", strict=True)
+class CondConvOnly(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        self.conv = timm.layers.CondConv2d(4, 6, 3, padding=1, groups=groups, num_experts=3)
+
+    def forward(self, x, routing):
+        return self.conv(x, routing)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_expert_mixed_kernels_send_errors_through_the_mixed_feedback_kernels(groups):
+    torch.manual_seed(0)
+    model = CondConvOnly(groups).double()
+    gm = pfa_fx.convert(model, "fa", strict=True)
+    node = dict(pfa_fx.feedback_modules(gm))["conv"]
+    assert node.weight_shape == (18, 4 // groups, 3, 3) and node.groups == 3 * groups
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    y = gm(x, r)
+    assert torch.equal(y, model(x, r))
+    assert weights_on_backprop(y.sum(), gm) == []
+    e = torch.randn_like(y)
+    y.backward(e)
+    # independent formulas, sample by sample: kernel_s = r_s @ P, feedback_s = r_s @ B
+    P, B = model.conv.weight.detach(), node.B.reshape(3, -1)
+    shape = (6, 4 // groups, 3, 3)
+    conv = lambda inp, w: torch.nn.functional.conv2d(inp, w, None, 1, 1, 1, groups)  # noqa: E731
+    grad_P = torch.zeros_like(P)
+    for s in range(2):
+        xs, es, rs = x[s : s + 1].detach(), e[s : s + 1], r[s].detach()
+        feedback_kernel = (rs @ B).reshape(shape)
+        _, pull_x = torch.func.vjp(lambda v, k=feedback_kernel: conv(v, k), xs)
+        torch.testing.assert_close(x.grad[s : s + 1], pull_x(es)[0], rtol=1e-10, atol=1e-12)
+        _, pull_w = torch.func.vjp(lambda w, xs=xs: conv(xs, w), (rs @ P).reshape(shape))
+        g_kernel = pull_w(es)[0].reshape(-1)
+        torch.testing.assert_close(r.grad[s], B @ g_kernel, rtol=1e-10, atol=1e-12)  # routing's error via B
+        grad_P += torch.outer(rs, g_kernel)
+    torch.testing.assert_close(gm.conv.weight.grad, grad_P, rtol=1e-10, atol=1e-12)
+
+
+def test_expert_bank_under_kp_moves_its_feedback_bank_by_the_banks_gradient():
+    torch.manual_seed(0)
+    gm = pfa_fx.convert(CondConvOnly().double(), "kp", strict=True)
+    node = dict(pfa_fx.feedback_modules(gm))["conv"]
+    x, r = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    gm(x, r).square().sum().backward()
+    assert torch.equal(node.B.grad.reshape(3, -1), gm.conv.weight.grad)
+    pfa = pfa_fx.convert(CondConvOnly().double(), "pfa", expansion=2, strict=True)
+    out = pfa(x, r)
+    assert weights_on_backprop(out.sum(), pfa) == []
+    assert dict(pfa_fx.feedback_modules(pfa))["conv"].feedback_weight().shape == (18, 4, 3, 3)
+
+
+def test_efficientnet_condconv_converts_completely():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_cc_b0_4e", num_classes=10)
+    gm = pfa_fx.convert(model, "pfa", expansion=1, strict=True)
+    out = _same_forward_in_both_modes(model, gm, torch.randn(2, 3, 64, 64))
+    assert weights_on_backprop(out.sum(), gm) == []

@@ -126,7 +126,7 @@ class FeedbackNode(nn.Module):
         """The forward weight ``W`` (the last one the op used, e.g. after standardization)."""
         if self._last_weight is not None:
             return self._last_weight
-        return self._weight_ref[0].detach()
+        return self._weight_ref[0].detach().reshape(self.weight_shape)  # an expert bank: as kernels
 
     @torch.no_grad()
     def feedback_weight(self) -> Tensor:
