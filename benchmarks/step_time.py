@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "bp+state10": None,  # BP plus 10 W-sized parameters per weight op: explicit R's floor at expansion 10
     "fa": ("fa", {}),
     "sf": ("sf", {}),
+    "sf-frsf": ("sf", {"variant": "frsf"}),
+    "sf-brsf": ("sf", {"variant": "brsf"}),
     "kp": ("kp", {}),
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
     "pfa": ("pfa", {"expansion": 10}),

@@ -220,3 +220,24 @@ def test_feedback_scale_follows_the_weights_when_asked(rule):
     # the default is the paper's recipe: Xavier for the state's own shape (PFA: R, n̄ x n_in)
     default = xavier_std((3000, 200)) if rule == "pfa" else xavier_std((300, 200))
     assert xavier.square().mean().sqrt().item() == pytest.approx(default, rel=rel)
+
+
+def _saved_numel(model, x):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(sizes)
+
+
+def test_brsf_saves_nothing_weight_sized_for_the_backward():
+    # the batch's magnitudes are drawn in the backward from its draw index
+    model = MLP((64, 128, 10))
+    x = torch.randn(4, 64)
+    usf, brsf = (pfa_fx.convert(model, "sf", variant=v) for v in ("usf", "brsf"))
+    n_ops = len(list(pfa_fx.feedback_modules(brsf)))
+    assert _saved_numel(brsf, x) == _saved_numel(usf, x) + n_ops  # one scalar index per op

@@ -56,24 +56,31 @@ class SFNode(FeedbackNode):
             self._gen = torch.Generator(device=weight.device)
         digest = hashlib.sha256(f"{self._base_seed}:{step}".encode()).digest()
         self._gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        m = torch.randn(weight.shape, generator=self._gen, device=weight.device, dtype=weight.dtype)
-        return m.abs_().mul_(self.std)
+        # drawn in float32 under autocast too: the same magnitudes whatever the compute dtype
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        m = torch.randn(weight.shape, generator=self._gen, device=weight.device, dtype=dtype)
+        return m.abs_().mul_(self.std).to(weight.dtype)
 
     def state(self) -> tuple[Tensor, ...]:
-        if self.variant == "brsf":  # fresh magnitudes for this batch
-            weight = self.weight
+        if self.variant == "brsf":
+            # a new batch: only its draw index travels to the backward (a CPU scalar), and
+            # the magnitudes are drawn there, so nothing W-sized is saved between the passes
             step, self.step = self.step, self.step + 1
-            return (self._batch_magnitudes(weight, step),)
+            return (torch.tensor(step),)
         if self.variant == "frsf":
             return (self.M,)
         return ()
 
     def inspect_state(self) -> tuple[Tensor, ...]:
         if self.variant == "brsf":
-            return (self._batch_magnitudes(self.weight, max(self.step - 1, 0)),)
+            return (torch.tensor(max(self.step - 1, 0)),)
         return self.state()
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         # in place on the fresh sign tensor: one W-sized pass, no second allocation
         sign = torch.sign(weight)
-        return sign.mul_(self.std if self.variant == "usf" else state[0])
+        if self.variant == "usf":
+            return sign.mul_(self.std)
+        if self.variant == "brsf":
+            return sign.mul_(self._batch_magnitudes(weight, int(state[0])))
+        return sign.mul_(state[0])
