@@ -7,7 +7,9 @@ is a bare parameter), and functions wrapped for FX that receive weights as argum
 ``call_with_feedback(target, namespace, routes, *args)``: it runs the original code with
 a ``TorchFunctionMode`` that routes each ``F.linear`` / ``F.conv*d`` / ``F.conv_transpose*d`` call whose weight is
 (or was computed from, e.g. by weight standardization) a routed parameter to the
-feedback op of that parameter's node.
+feedback op of that parameter's node. A bank of expert kernels (timm's ``CondConv2d``)
+is routed at its ``torch.matmul(routing, bank)``, and the convolution with the mixed
+per-sample kernels then runs its error through the same mix of feedback kernels.
 """
 
 from __future__ import annotations
