@@ -136,3 +136,19 @@ def test_summary_counts_failures_of_this_machines_memory_apart_from_conversion_f
     assert coverage.summary_status({"status": "crash", "reason": "worker exited with -9"}) == "memory"
     assert coverage.summary_status({"status": "conversion_error", "reason": "TraceError: ..."}) == "conversion_error"
     assert coverage.summary_status({"status": "pass", "reason": ""}) == "pass"
+
+
+class _SqrtOfZero(torch.nn.Module):
+    def forward(self, y):
+        return (y * 0).sqrt()  # forward 0, gradient inf * 0 = nan
+
+
+def test_check_flags_non_finite_gradients_by_parameter_name():
+    torch.manual_seed(0)
+    bad = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5), _SqrtOfZero())
+    good = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5))
+    for model, status in ((bad, coverage.NONFINITE_GRAD), (good, coverage.PASS)):
+        built = coverage.Built(model, 4, 3, {}, 0.0, sum(p.numel() for p in model.parameters()))
+        row = coverage.check_rule(built, "fa", {})
+        assert row["status"] == status, row["reason"]
+    assert "1.weight" in coverage.check_rule(coverage.Built(bad, 4, 3, {}, 0.0, 245), "fa", {})["reason"]
