@@ -32,6 +32,9 @@ _CONV = {F.conv1d, F.conv2d, F.conv3d}
 _CONV_T = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# the optional arguments after (input, weight, bias), in the functions' own order
+_CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_CONV_T_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 _PATCHED = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
@@ -68,28 +71,17 @@ def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, Fee
     weight = bound.get("weight")
     mix = ops.expert_mix_of(weight) if func in _CONV and isinstance(weight, Tensor) else None
     if mix is not None:  # per-sample kernels mixed from a routed expert bank
-        node = ops.PerSampleKernelFeedback(weight, mix)
-        rest = (bound.get(k, d) for k, d in zip(_CONV_ARGS[3:], (1, 0, 1, 1)))
-        return ops.feedback_conv(bound["input"], weight, bound.get("bias"), node, *rest)
-    node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
-    if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):
-        return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
+        node: FeedbackNode | None = ops.PerSampleKernelFeedback(weight, mix)
+    else:
+        node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
+        if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):
+            return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
     if func in _LINEAR:
         return ops.feedback_linear(bound["input"], weight, bound.get("bias"), node)
-    if func in _CONV_T:
-        defaults = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
-        rest = (bound.get(k, d) for k, d in defaults.items())
-        return ops.feedback_conv_transpose(bound["input"], weight, bound.get("bias"), node, *rest)
-    return ops.feedback_conv(
-        bound["input"],
-        weight,
-        bound.get("bias"),
-        node,
-        bound.get("stride", 1),
-        bound.get("padding", 0),
-        bound.get("dilation", 1),
-        bound.get("groups", 1),
-    )
+    defaults = _CONV_T_DEFAULTS if func in _CONV_T else _CONV_DEFAULTS
+    rest = (bound.get(k, d) for k, d in defaults.items())
+    op = ops.feedback_conv_transpose if func in _CONV_T else ops.feedback_conv
+    return op(bound["input"], weight, bound.get("bias"), node, *rest)
 
 
 @contextlib.contextmanager
