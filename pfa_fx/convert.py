@@ -480,34 +480,47 @@ class _Rewriter:
         graph.erase_node(node)
 
     def _rewrite_matmul_with_parameter(self, graph: fx.Graph, node: fx.Node) -> None:
-        """``x @ P.transpose(-1, -2)`` with a 2-D parameter ``P`` (e.g. the relative-position
-        tables of BoTNet/HaloNet attention) is ``F.linear(x, P)``: the error to ``x`` runs
-        through ``P``, so it gets feedback like any weight."""
+        """``x @ Pᵀ`` with a 2-D parameter ``P`` (the relative-position tables of
+        BoTNet/HaloNet attention) is ``F.linear(x, P)``, and ``x @ P`` (SwiftFormer's
+        ``q @ w_g``) is ``F.linear(x, Pᵀ)``: the error to ``x`` runs through ``P``, so it
+        gets feedback like any weight, held as ``(out, in)`` as nn.Linear holds its own."""
         if len(node.args) != 2 or node.kwargs:
             return
-        x, pt = node.args
-        if not (isinstance(pt, fx.Node) and pt.op == "call_method" and len(pt.users) == 1):
+        x, operand = node.args
+        if not isinstance(operand, fx.Node):
             return
-        if pt.target == "t" and len(pt.args) == 1:
-            pass
-        elif pt.target != "transpose" or len(pt.args) != 3 or {pt.args[1], pt.args[2]} not in ({-1, -2}, {0, 1}):
-            return
-        src = pt.args[0]
+        src, pt = operand, None
+        if operand.op == "call_method" and len(operand.users) == 1:
+            is_t = operand.target == "t" and len(operand.args) == 1
+            is_transpose = (
+                operand.target == "transpose"
+                and len(operand.args) == 3
+                and {operand.args[1], operand.args[2]} in ({-1, -2}, {0, 1})
+            )
+            if not (is_t or is_transpose):
+                return
+            src, pt = operand.args[0], operand
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):
             return
         param = _attr(self.gm, src.target)
         if not isinstance(param, nn.Parameter) or param.dim() != 2:
             return
         key = src.target[: -len(".weight")] if src.target.endswith(".weight") else src.target
-        fb = self.node_for(key, param, 1, _get_module(self.root, src.target.rpartition(".")[0]))
+        weight = param if pt is not None else param.t()
+        fb = self.node_for(key, weight, 1, _get_module(self.root, src.target.rpartition(".")[0]))
         if fb is None:
             return
+        if pt is None:
+            fb._weight_ref = [param]  # the parameter itself: follows .to() and loads
+            fb.param_transposed = True
         with graph.inserting_before(node):
-            new = graph.call_function(ops.feedback_linear, (x, src, None, self._feedback_attr(graph, key)))
+            w = src if pt is not None else graph.call_method("t", (src,))
+            new = graph.call_function(ops.feedback_linear, (x, w, None, self._feedback_attr(graph, key)))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        graph.erase_node(pt)
+        if pt is not None:
+            graph.erase_node(pt)
 
     def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[_Hidden]) -> None:
         """Weights used inside code tracing keeps opaque: route their ops at run time."""

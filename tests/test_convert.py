@@ -459,6 +459,59 @@ def test_matmul_with_a_transposed_parameter_is_a_weight_op():
     torch.testing.assert_close(bp.rel.grad, model.rel.grad, rtol=1e-12, atol=1e-12)
 
 
+class AdditiveAttention(nn.Module):
+    """``q @ w_g`` with an untransposed ``(d, 1)`` parameter, as SwiftFormer's attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 4)
+        self.w_g = nn.Parameter(torch.randn(4, 1))
+
+    def forward(self, x):
+        q = self.q(x)
+        return (q @ self.w_g).softmax(dim=1) * q
+
+
+def test_matmul_with_an_untransposed_parameter_is_a_linear_op_with_its_transpose():
+    model = AdditiveAttention().double()
+    gm = pfa_fx.convert(model, "fa")
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    assert set(nodes) == {"q", "w_g"}
+    assert nodes["w_g"].weight_shape == (1, 4)  # (out, in), as nn.Linear keeps its weight
+    assert torch.equal(nodes["w_g"].weight, model.w_g.detach().t())
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    out = gm(x)
+    assert torch.equal(out, model(x))
+    assert weights_on_backprop(out.sum(), gm) == []
+    # FA's error to q through this op is e @ B, B the (1, 4) feedback matrix; checked on
+    # the op alone: the score's error e (2, 3, 1) reaches q as e @ B, its weight gets e^T q
+    q = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(2, 3, 1, dtype=torch.float64)
+    fb = nodes["w_g"]
+    y = pfa_fx.ops.feedback_linear(q, gm.w_g.t(), None, fb)
+    assert torch.equal(y, q @ model.w_g)
+    gm.w_g.grad = None
+    y.backward(e)
+    torch.testing.assert_close(q.grad, e @ fb.feedback_weight(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gm.w_g.grad, (e.reshape(-1, 1).T @ q.detach().reshape(-1, 4)).T, rtol=1e-12, atol=0)
+    assert report_mentions(gm, "w_g", kind="linear")
+
+
+def report_mentions(gm, name, kind):
+    return any(op.name == name and op.kind == kind for op in pfa_fx.report(gm).ops)
+
+
+def test_bp_rule_on_an_untransposed_matmul_parameter_gives_autograd_gradients():
+    model = AdditiveAttention().double()
+    bp = pfa_fx.convert(model, "bp")
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bp(x1).square().sum().backward()
+    model(x2).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bp.w_g.grad, model.w_g.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_audit_ignores_tables_that_carry_no_error():
     class OneHotTable(nn.Module):
         def __init__(self):

@@ -80,6 +80,8 @@ class FeedbackNode(nn.Module):
         # A plain reference (not registered): the forward weight stays where the model
         # keeps it; state_dict and parameters() list it once, under its own name.
         self._weight_ref: list[Tensor] = [weight]
+        # set by the pass when the op uses the parameter transposed (``x @ P``)
+        self.param_transposed = False
         self._last_weight: Tensor | None = None
         self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
 
@@ -126,7 +128,10 @@ class FeedbackNode(nn.Module):
         """The forward weight ``W`` (the last one the op used, e.g. after standardization)."""
         if self._last_weight is not None:
             return self._last_weight
-        return self._weight_ref[0].detach().reshape(self.weight_shape)  # an expert bank: as kernels
+        w = self._weight_ref[0].detach()
+        if self.param_transposed:
+            w = w.t()
+        return w.reshape(self.weight_shape)  # an expert bank: as kernels
 
     @torch.no_grad()
     def feedback_weight(self) -> Tensor:
