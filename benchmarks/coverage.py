@@ -701,10 +701,12 @@ def _context() -> multiprocessing.context.BaseContext:
 
 def sweep(args: argparse.Namespace) -> None:
     csv_path = Path(args.csv)
-    done = {
-        (r["source"], r["model"], r["rule"]) for r in latest_rows(read_rows(csv_path)) if r["status"] not in args.retry
-    }
+    latest = latest_rows(read_rows(csv_path))
+    done = {(r["source"], r["model"], r["rule"]) for r in latest if r["status"] not in args.retry}
     names = list_model_names(args.source, args.filter, args.every, args.limit)
+    if args.no_new:  # a retry pass only: models not in the CSV yet are left for the sweep
+        seen = {(r["source"], r["model"]) for r in latest}
+        names = [n for n in names if tuple(n) in seen]
     jobs = [Job(src, name, [r for r in args.rules if (src, name, r) not in done]) for src, name in names]
     jobs = [j for j in jobs if j.rules]
     if len(names) > len(jobs):
@@ -931,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=str(DEFAULT_CSV))
     p.add_argument(
         "--retry", nargs="*", default=[], metavar="STATUS", help="rerun rows with these statuses (e.g. timeout crash)"
+    )
+    p.add_argument(
+        "--no-new", action="store_true", help="check only models already in the CSV (with --retry: a retry pass)"
     )
     p.add_argument(
         "--summary",
