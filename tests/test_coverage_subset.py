@@ -1,7 +1,8 @@
 """A fast, representative subset of the coverage sweep (benchmarks/coverage.py) as tests:
 one model per hard case — windowed and grid attention, train-mode aux heads, NFNet's
 scaled weight-standardized convs, LeViT's attention biases, MLP-Mixer, a distillation
-head, ViTs with nn.MultiheadAttention, optional mask arguments, relative-position tables
+head, ViTs with nn.MultiheadAttention, optional mask arguments, relative-position tables,
+parameters used directly as matmul operands, transposed convolutions
 — each built, converted with PFA and checked
 exactly as the sweep checks it; plus the sweep's own bookkeeping (timeout, resume,
 summary)."""
@@ -31,11 +32,12 @@ SUBSET = [
     ("timm", "hiera_small_abswin_256", {"expansion": 1}),  # forward(x, mask=None): optional-arg tracing
     ("timm", "botnet26t_256", {"expansion": 1}),  # relative-position tables in q @ rel^T
     ("timm", "lowformer_b0", {"expansion": 1}),  # nn.ConvTranspose2d upsampling in attention
+    ("timm", "swiftformer_xs", {"expansion": 1}),  # q @ w_g: an untransposed parameter as a weight
 ]
 # torchvision's MaxViT only builds at its native 224 px: over a minute on a CPU
 SLOW = [
     ("tv", "maxvit_t", {"expansion": 1}),
-    # one_hot @ position table: the audit must not flag a table that carries no error (167 M params)
+    # one_hot @ position table: a linear op on a one-hot input (167 M params)
     ("timm", "gemma4_vit_167m_enc", {"expansion": 1}),
 ]
 
@@ -111,7 +113,9 @@ def test_sweep_times_out_resumes_retries_and_summarises(tmp_path: Path):
     assert [(r["model"], r["status"]) for r in rows] == [("squeezenet1_1", coverage.TIMEOUT)]
     coverage.main(base)  # resumes: the row is there, nothing runs
     assert len(coverage.read_rows(csv_path)) == 1
-    coverage.main([*base, "--retry", "timeout", "--summary", str(md)])
+    # a retry pass over a wider glob: --no-new leaves squeezenet1_0 (not in the CSV) alone
+    wider = ["--source", "tv", "--filter", "squeezenet1_*", "--rules", "fa", "--csv", str(csv_path)]
+    coverage.main([*wider, "--retry", "timeout", "--no-new", "--summary", str(md)])
     rows = coverage.latest_rows(coverage.read_rows(csv_path))
     assert [(r["model"], r["status"]) for r in rows] == [("squeezenet1_1", coverage.PASS)]
     text = md.read_text()
