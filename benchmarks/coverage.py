@@ -30,8 +30,9 @@ Usage::
 
 Large models: above ``--big-params`` million parameters the PFA rules get
 ``--big-opts`` (default ``expansion=1``: PFA's ``R`` is ``expansion`` times the weight, drawn
-in float64); above ``--solo-params`` million a model runs with no other worker beside it.
-Both are recorded in the CSV (``opts`` column).
+in float64); above ``--solo-params`` million a model runs with no other worker beside it,
+on all ``--jobs × --threads`` threads.
+The options a model got are recorded in the CSV (``opts`` column).
 """
 
 from __future__ import annotations
@@ -746,9 +747,11 @@ def sweep(args: argparse.Namespace) -> None:
                     break
                 pending.pop(0)
                 job.out, job.err = tmp / f"{job.source}_{job.name}.jsonl", tmp / f"{job.source}_{job.name}.log"
+                # a solo job has the machine to itself: it gets every worker's threads
+                job_args = {**worker_args, "threads": args.threads * args.jobs} if job.solo else worker_args
                 job.proc = ctx.Process(
                     target=_worker,
-                    args=(job.source, job.name, job.rules, str(job.out), str(job.err), worker_args),
+                    args=(job.source, job.name, job.rules, str(job.out), str(job.err), job_args),
                     daemon=True,
                 )
                 job.proc.start()
