@@ -506,6 +506,13 @@ class _Rewriter:
         if not isinstance(param, nn.Parameter) or param.dim() != 2:
             return
         key = src.target[: -len(".weight")] if src.target.endswith(".weight") else src.target
+        made = self.made.get(key)
+        if made is not None and made.param_transposed != (pt is None):
+            # a square P would pass the shape check and get the other orientation's feedback
+            raise ConversionError(
+                f"parameter '{src.target}' is used both as x @ P and as x @ P.T (or as a Linear weight); "
+                "one feedback state cannot serve both orientations"
+            )
         weight = param if pt is not None else param.t()
         fb = self.node_for(key, weight, 1, _get_module(self.root, src.target.rpartition(".")[0]))
         if fb is None:

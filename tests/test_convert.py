@@ -512,6 +512,19 @@ def test_bp_rule_on_an_untransposed_matmul_parameter_gives_autograd_gradients():
     torch.testing.assert_close(bp.w_g.grad, model.w_g.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_a_parameter_used_as_x_at_p_and_as_x_at_p_transposed_is_refused_by_name():
+    class BothWays(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.randn(4, 4))  # square: shapes alone cannot tell
+
+        def forward(self, x):
+            return x @ self.p + x @ self.p.t()
+
+    with pytest.raises(pfa_fx.ConversionError, match=r"'p' is used both as x @ P and as x @ P.T"):
+        pfa_fx.convert(BothWays(), "fa")
+
+
 def test_audit_ignores_tables_that_carry_no_error():
     class OneHotTable(nn.Module):
         def __init__(self):
