@@ -595,6 +595,7 @@ def _worker(source: str, name: str, rules: list[str], out: str, err: str, args: 
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(args["threads"])
+    _REV[:] = [args["rev"]]
     _check_to_file(
         source, name, rules, out, args["opts"], args["big_params"], args["big_opts"], args["seed"], args["lean_params"]
     )
@@ -729,6 +730,9 @@ def sweep(args: argparse.Namespace) -> None:
         "big_opts": parse_opts(args.big_opts),
         "seed": args.seed,
         "lean_params": args.lean_params,
+        # read once, here: workers fork from a server that imported pfa_fx when the sweep
+        # began, so HEAD at the time a worker checks may be a later commit than the code
+        "rev": _REV[0],
     }
     tmp = Path(tempfile.mkdtemp(prefix="pfa_coverage_"))
     counts: Counter[str] = Counter()
