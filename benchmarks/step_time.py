@@ -45,10 +45,13 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "bp+state": None,  # BP plus one W-sized parameter per weight op, stepped by SGD: KP's floor
     "bp+state10": None,  # BP plus 10 W-sized parameters per weight op: explicit R's floor at expansion 10
     "fa": ("fa", {}),
+    "dfa": ("dfa", {}),
     "sf": ("sf", {}),
     "sf-frsf": ("sf", {"variant": "frsf"}),
     "sf-brsf": ("sf", {"variant": "brsf"}),
     "kp": ("kp", {}),
+    "wm": ("wm", {}),  # one mirror step per op after each optimizer step
+    "pal": ("pal", {}),  # a second, noisy forward without grad per step
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
     "pfa": ("pfa", {"expansion": 10}),
     "pfa-product": ("pfa", {"expansion": 10, "route": "product"}),

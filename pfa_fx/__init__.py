@@ -2,13 +2,13 @@
 
 ``pfa_fx.convert(model, rule="pfa")`` rewrites every weight op of a model (a torch.fx
 pass) into a feedback-aware op: identical forward, backward through the rule's feedback
-weights. Rules: ``bp``, ``fa``, ``sf``, ``kp``, ``pfa``, ``pfa-o``.
+weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``.
 """
 
 from .convert import ConversionError, ConvertedModule, TraceError, convert, feedback_modules
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
 from .report import ConversionReport, report
-from .rules import RULES, FeedbackNode
+from .rules import RULES, FeedbackNode, mirror, step_feedback
 
 __version__ = "0.1.0"
 
@@ -26,5 +26,7 @@ __all__ = [
     "convert",
     "feedback_modules",
     "gradient_alignment",
+    "mirror",
     "report",
+    "step_feedback",
 ]

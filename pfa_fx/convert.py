@@ -329,6 +329,7 @@ class _Rewriter:
         if resolved is not None:
             rule, opts = resolved
             node = _make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key, transposed)
+            node.op_name = key
             node.conversion_path = path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
             _set_path(self.namespace, key, node)
@@ -703,7 +704,8 @@ def convert(
 
     Args:
         model: any ``nn.Module`` (torchvision, timm, or your own). It is not modified.
-        rule: a rule name (``"bp"``, ``"fa"``, ``"sf"``, ``"kp"``, ``"pfa"``, ``"pfa-o"``),
+        rule: a rule name (``"bp"``, ``"fa"``, ``"dfa"``, ``"sf"``, ``"kp"``, ``"wm"``, ``"pal"``,
+            ``"pfa"``, ``"pfa-o"``),
             or a mapping from op-name patterns (``fnmatch``, e.g. ``"layer1.*"``) or
             module types to a rule name, ``(name, options)`` or ``None`` (op stays native).
             The first matching entry wins; ops no entry matches stay native.
@@ -717,7 +719,8 @@ def convert(
         strict: raise :class:`ConversionError` if any Linear/Conv/attention weight would
             stay on BP (other than ops the rule mapping keeps native on purpose).
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
-            ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf).
+            ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf),
+            ``sigma``, ``mirror_lr``, ``decay`` (wm), ``sigma``, ``feedback_lr``, ``decay`` (pal).
 
     Returns:
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
@@ -788,8 +791,19 @@ def convert(
     gm.pfa_fallbacks = dict(leaf_paths)
     gm.pfa_kept_native = sorted(rewriter.kept_native)
     gm.pfa_skipped = dict(rewriter.skipped)
+    _attach_rules(gm)
     _check_strict(root, gm, strict)
     return gm
+
+
+def _attach_rules(model: nn.Module) -> None:
+    """The pass's one hook for rules: each rule class present gets the model and its nodes
+    once (``FeedbackNode.attach``), for what a rule needs beyond its ops."""
+    by_class: dict[type[FeedbackNode], list[tuple[str, FeedbackNode]]] = {}
+    for name, node in feedback_modules(model):
+        by_class.setdefault(type(node), []).append((name, node))
+    for cls, nodes in by_class.items():
+        cls.attach(model, nodes)
 
 
 def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -817,6 +831,7 @@ def _convert_eagerly(
     root.pfa_kept_native = sorted(rewriter.kept_native)
     root.pfa_skipped = {}
     root.forward = types.MethodType(_eager_forward, root)
+    _attach_rules(root)
     _check_strict(root, root, strict)
     return root
 

@@ -29,10 +29,16 @@ def angle_and_norm_ratio(weight: Tensor, weight_b: Tensor) -> tuple[float, float
 def alignment(model: nn.Module) -> dict[str, tuple[float, float]]:
     """``{op name: (angle_degrees, norm_ratio)}`` between W and ``W_b`` for each converted op.
 
-    For FA/SF/KP this is the paper's backward–forward weight alignment; for PFA and
-    PFA-o, with ``W_b = B·R``, it is the path alignment.
+    For FA/SF/KP/WM/PAL this is the paper's backward–forward weight alignment; for PFA and
+    PFA-o, with ``W_b = B·R``, it is the path alignment. DFA ops have no W-shaped ``W_b``
+    (their input error is a projection of the output error) and are left out: compare
+    their updates with BP's through :func:`gradient_alignment`.
     """
-    return {name: angle_and_norm_ratio(node.weight, node.feedback_weight()) for name, node in feedback_modules(model)}
+    return {
+        name: angle_and_norm_ratio(node.weight, node.feedback_weight())
+        for name, node in feedback_modules(model)
+        if node.has_feedback_weight
+    }
 
 
 @contextlib.contextmanager

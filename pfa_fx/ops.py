@@ -128,8 +128,12 @@ class _FeedbackLinear(torch.autograd.Function):
 def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward uses ``node``'s feedback weight."""
     if not _wants_grad(x, weight, bias, *node.parameters()):
+        if node.noisy:
+            return node.noisy_forward(LinearFamily, lambda t, b: _LINEAR(t, weight, bias if b else None), x, weight)
         return _LINEAR(x, weight, bias)
     node.note_weight(weight)
+    if node.records_input:
+        node.record_input(x)
     x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
     with torch.autocast(x.device.type, enabled=False):
         return _FeedbackLinear.apply(x, weight, bias, node, *state)
@@ -223,6 +227,22 @@ def _same_padding(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> tuple[T
     return x, pads
 
 
+def _conv_args(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, list, list, list]:
+    """Stride, padding and dilation as lists; ``"same"``/``"valid"`` resolved (``x`` padded
+    on the far side where ``"same"`` needs an odd total)."""
+    n = weight.dim() - 2
+    tup = _ntuple(n)
+    stride, dilation = list(tup(stride)), list(tup(dilation))
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0] * n
+        elif padding == "same":
+            x, padding = _same_padding(x, weight, dilation)
+        else:
+            raise ValueError(f"padding must be 'valid', 'same' or numbers, got {padding!r}")
+    return x, stride, list(tup(padding)), dilation
+
+
 def feedback_conv(
     x: Tensor,
     weight: Tensor,
@@ -236,18 +256,18 @@ def feedback_conv(
     """``F.conv{1,2,3}d`` whose backward uses ``node``'s feedback weight."""
     n = weight.dim() - 2
     if not _wants_grad(x, weight, bias, *node.parameters()):
+        if node.noisy:
+            x, stride, padding, dilation = _conv_args(x, weight, stride, padding, dilation)
+            family = ConvFamily(stride, padding, dilation, groups, None)
+            conv = _CONV[n]
+            return node.noisy_forward(
+                family, lambda t, b: conv(t, weight, bias if b else None, stride, padding, dilation, groups), x, weight
+            )
         return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-    tup = _ntuple(n)
-    stride, dilation = list(tup(stride)), list(tup(dilation))
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0] * n
-        elif padding == "same":
-            x, padding = _same_padding(x, weight, dilation)
-        else:
-            raise ValueError(f"padding must be 'valid', 'same' or numbers, got {padding!r}")
-    padding = list(tup(padding))
+    x, stride, padding, dilation = _conv_args(x, weight, stride, padding, dilation)
     node.note_weight(weight)
+    if node.records_input:
+        node.record_input(x)
     x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
     with torch.autocast(x.device.type, enabled=False):
         return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, None, *state)
@@ -267,12 +287,24 @@ def feedback_conv_transpose(
     """``F.conv_transpose{1,2,3}d`` (same argument order) whose backward uses ``node``'s
     feedback weight; ``weight`` is ``(in, out/groups, *k)`` as torch stores it."""
     n = weight.dim() - 2
-    if not _wants_grad(x, weight, bias, *node.parameters()):
+    wants_grad = _wants_grad(x, weight, bias, *node.parameters())
+    if not wants_grad and not node.noisy:
         return _CONV_T[n](x, weight, bias, stride, padding, output_padding, groups, dilation)
     tup = _ntuple(n)
     stride, padding, dilation = list(tup(stride)), list(tup(padding)), list(tup(dilation))
     output_padding = list(tup(output_padding))
+    if not wants_grad:  # a rule's own no-grad pass (PAL's noisy pass)
+        family = ConvFamily(stride, padding, dilation, groups, None, True, output_padding)
+        conv_t = _CONV_T[n]
+        return node.noisy_forward(
+            family,
+            lambda t, b: conv_t(t, weight, bias if b else None, stride, padding, output_padding, groups, dilation),
+            x,
+            weight,
+        )
     node.note_weight(weight)
+    if node.records_input:
+        node.record_input(x)
     x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
     with torch.autocast(x.device.type, enabled=False):
         return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state)

@@ -45,6 +45,7 @@ class ConversionReport:
     not_converted: dict[str, str] = field(default_factory=dict)
     left_alone: list[LeftAlone] = field(default_factory=list)
     fallbacks: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what rules do at the model level
 
     def __str__(self) -> str:
         lines = [f"{len(self.ops)} weight ops converted"]
@@ -54,6 +55,7 @@ class ConversionReport:
         lines[0] += " (" + ", ".join(f"{n} via {p}" for p, n in sorted(by_path.items())) + ")" if by_path else ""
         width = max((len(op.name) for op in self.ops), default=4)
         lines += [f"  {op.name:<{width}}  {op.kind:<7} {op.rule:<6} {op.path}  [{op.owner}]" for op in self.ops]
+        lines += self.notes
         if self.kept_native:
             lines.append("kept on BP by the rule mapping: " + ", ".join(self.kept_native))
         for name, why in self.not_converted.items():
@@ -94,7 +96,9 @@ def report(model: nn.Module) -> ConversionReport:
         fallbacks=dict(getattr(model, "pfa_fallbacks", {})),
     )
     weights = set()
+    by_class: dict[type, list] = {}
     for name, node in feedback_modules(model):
+        by_class.setdefault(type(node), []).append((name, node))
         rep.ops.append(
             OpEntry(
                 name,
@@ -105,6 +109,8 @@ def report(model: nn.Module) -> ConversionReport:
             )
         )
         weights.add(id(node._weight_ref[0]))
+    for cls, nodes in by_class.items():
+        rep.notes += cls.report_notes(model, nodes)
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         if p.dim() < 2 or id(p) in weights or name.startswith(NAMESPACE + "."):

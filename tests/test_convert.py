@@ -222,14 +222,14 @@ def test_alignment_reports_angle_and_norm_ratio_per_op():
 
 # ----------------------------------------------------------------------- bad input
 def test_unknown_rule_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown rule 'pfb'.*bp, fa, sf, kp, pfa, pfa-o"):
+    with pytest.raises(ValueError, match=r"unknown rule 'pfb'.*bp, fa, dfa, sf, kp, wm, pal, pfa, pfa-o"):
         pfa_fx.convert(MLP(), "pfb")
     with pytest.raises(ValueError, match="unknown rule"):
-        pfa_fx.convert(MLP(), {"*": "dfa"})
+        pfa_fx.convert(MLP(), {"*": "mirror"})
 
 
 def test_unknown_option_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option 'expnasion'.*compact, expansion"):
+    with pytest.raises(ValueError, match=r"unknown option 'expnasion'.*compact, density, expansion"):
         pfa_fx.convert(MLP(), "pfa", expnasion=4)
     with pytest.raises(ValueError, match=r"unknown option 'expansion' for rule\(s\) fa; valid options: scale"):
         pfa_fx.convert(MLP(), "fa", expansion=4)

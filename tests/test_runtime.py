@@ -117,3 +117,45 @@ def test_dynamo_captures_converted_models_in_one_graph(name):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(torch.randn(2, 3, 64, 64))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("rule", ["dfa", "wm", "pal"])
+def test_torch_compile_trains_the_table1_rules_like_eager_over_two_steps(rule):
+    # DFA's output error and PAL's noisy pass live outside the compiled graph (forward
+    # hooks kept eager); the second step must use that step's error, not a traced constant
+    import copy
+
+    torch.manual_seed(0)
+    gm = pfa_fx.convert(MLP(), rule)
+    twin = copy.deepcopy(gm)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin)
+    for step in range(2):
+        x = torch.randn(4, 20) * (step + 1)
+        gx, gp = _grads(gm, x)
+        cx, cp = _grads(compiled, x)
+        torch.testing.assert_close(cx, gx, rtol=1e-4, atol=1e-5)
+        for k in gp:
+            torch.testing.assert_close(cp[k], gp[k], rtol=1e-4, atol=1e-5)
+        pfa_fx.step_feedback(gm)  # WM's mirror step, PAL's update: the next step sees them
+        pfa_fx.step_feedback(twin)
+    for (k, a), b in zip(gm.state_dict().items(), twin.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "wm", "pal"])
+def test_table1_rules_under_bf16_autocast_keep_the_native_forward_and_fp32_grads(rule):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = pfa_fx.convert(model, rule)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), gm.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gm(x), model(x))
+    gm.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(gm(x), torch.arange(2))
+    loss.backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -67,6 +67,14 @@ class FeedbackNode(nn.Module):
     options: ClassVar[dict[str, Any]] = {}
     #: whether W_b depends on trainable state (the op then returns grad_W for it)
     plastic: ClassVar[bool] = False
+    #: whether the rule has a W-shaped ``W_b`` (DFA's feedback is a projection of the
+    #: output error instead: :func:`pfa_fx.alignment` leaves such ops out)
+    has_feedback_weight: ClassVar[bool] = True
+    #: whether the op hands its input to :meth:`record_input` on every training call (PAL)
+    records_input: ClassVar[bool] = False
+    #: set while a rule runs its own no-grad pass through the model (PAL's noisy pass):
+    #: the op then calls :meth:`noisy_forward` instead of the native function
+    noisy: bool = False
 
     def __init__(
         self, weight: Tensor, *, groups: int, generator: torch.Generator, transposed: bool = False, **options: Any
@@ -121,6 +129,25 @@ class FeedbackNode(nn.Module):
 
     def note_weight(self, weight: Tensor) -> None:
         self._last_weight = weight.detach()
+
+    def record_input(self, x: Tensor) -> None:
+        """Called with the op's input on training calls when :attr:`records_input` is set."""
+
+    def noisy_forward(self, family: Any, native: Any, x: Tensor, weight: Tensor) -> Tensor:
+        """The op's output while :attr:`noisy` is set; ``native(x, with_bias)`` is the op."""
+        return native(x, True)
+
+    # -- model-level hooks -------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> None:
+        """Called once by ``convert`` with the converted model and this rule's nodes, for
+        rules that need something at the model level (DFA captures the output error with
+        a forward hook; PAL links each op to the op that reads its output)."""
+
+    @classmethod
+    def report_notes(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
+        """Lines :func:`pfa_fx.report` prints about this rule's model-level behaviour."""
+        return []
 
     # -- public inspection API ---------------------------------------------------------
     @property

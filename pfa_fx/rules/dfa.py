@@ -1,0 +1,265 @@
+"""Direct feedback alignment (Nøkland 2016; at scale: Launay et al. 2020).
+
+Every weight op's input gradient is a fixed random projection of the *model's output
+error* ``e = dloss/dy_out`` instead of ``L_W^T`` of the op's own error:
+``grad_x = P_k(e)``, reshaped to the op input's shape. ``grad_W`` (and ``grad_b``) stay
+BP's for whatever error reaches the op, so in an MLP the hidden layer ``h_l = f(a_l)``
+read by op ``l+1`` gets ``δa_l = (P_{l+1} e) ⊙ f'(a_l)`` — Nøkland's equations — and the
+top op, whose output error is ``e`` itself, trains on its true error.
+
+The output error is captured by a forward hook on the converted model (:meth:`DFANode.attach`):
+it wraps the model's *main output* in an identity whose backward runs before any op's
+(it is the last node of the graph) and hands ``e`` to every DFA op of the model. The main
+output is the output itself, the first tensor of a tuple/list (torchvision's
+GoogLeNet/Inception aux-logit tuples), or, for a dict, the ``"logits"`` / ``"out"`` entry
+or else the first tensor; ``pfa_fx.report`` says which was used. Losses must come from
+that output (an auxiliary loss alone gives the ops no output error and raises).
+
+Convolutions: the *dense per-position* projection (Nøkland's convention): every unit of
+the op's input — each channel at each position — gets its own random combination of the
+output error, ``P_k`` of shape ``(d_out, C·H·W)``. BioTorch's alternative, a kernel
+applied to the error broadcast over positions, gives every position the same feedback,
+so a convolution's input gradient carries no spatial structure at all; the dense
+projection keeps positions distinct at the cost of ``d_out·C·H·W`` numbers per op.
+Memory stays bounded: projections of up to ``CACHE_LIMIT`` entries are drawn once (on
+the CPU, identical on every device and process) and cached; larger ones (ResNet-50's
+early layers at 224 px with 1,000 classes hold ~10⁸) are redrawn in every backward from
+a seeded generator on the op's device, ``BLOCK`` columns at a time, and never stored
+(identical across processes on the same device type). The state is a seed per op name.
+
+Scale: ``scale="xavier"`` (default) draws ``P`` with Xavier's std for a linear map from
+``d_out`` to ``D = C·H·W`` units, ``sqrt(2 / (d_out + D))``, so ``|P e| ≈ |e|`` for any
+``D``; or a positive number (the std). ``"weight"`` has no meaning here (P has no W to
+take a scale from) and is refused.
+
+DFA has no W-shaped feedback weight: :func:`pfa_fx.alignment` leaves DFA ops out; the
+meaningful measure is :func:`pfa_fx.gradient_alignment` (weight updates against BP's).
+Sample layout, tried in this order: an op input whose first axis is the batch; whose
+second axis is the batch (sequence-first, as inside ``nn.MultiheadAttention``); whose
+first axis is a multiple of the batch (windows of each sample, sample-major, as Swin's).
+Others raise naming the op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import FeedbackNode
+
+#: projections with at most this many entries are drawn once and cached per device/dtype
+CACHE_LIMIT = 1 << 22
+#: columns per seeded draw: part of the projection's definition (its values do not depend
+#: on whether it is cached), and the memory bound of a redrawn one (d_out x BLOCK)
+BLOCK = 4096
+
+
+class OutputError:
+    """Shared by the DFA ops of one model: the output error of the step being run."""
+
+    def __init__(self) -> None:
+        self.error: Tensor | None = None
+        self.where: str | None = None  # which output carried it, e.g. "output[0]"
+
+
+class _CaptureError(torch.autograd.Function):
+    """Identity whose backward records the error reaching the model's output."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, hub: OutputError) -> Tensor:
+        ctx.hub = hub
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        ctx.hub.error = g
+        return g, None
+
+
+def _main_output(out: Any) -> tuple[Any, Tensor] | None:
+    """``(key, tensor)`` of the main output: ``None`` key for a bare tensor, an index for a
+    tuple/list, a key for a dict."""
+    if isinstance(out, Tensor):
+        return None, out
+    if isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            if isinstance(v, Tensor):
+                return i, v
+        return None
+    if isinstance(out, dict):
+        for k in ("logits", "out"):
+            if isinstance(out.get(k), Tensor):
+                return k, out[k]
+        for k, v in out.items():
+            if isinstance(v, Tensor):
+                return k, v
+    return None
+
+
+def _replaced(out: Any, key: Any, value: Tensor) -> Any:
+    if key is None:
+        return value
+    if isinstance(out, dict):
+        new = dict(out)
+        new[key] = value
+        return type(out)(new)
+    items = list(out)
+    items[key] = value
+    if isinstance(out, list):
+        return items
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+
+
+@torch.compiler.disable  # the capture's backward writes Python state: kept out of compiled graphs
+def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: route the main output through :class:`_CaptureError`."""
+    hub = module.__dict__.get("pfa_dfa_output")
+    if hub is None:
+        return None
+    hub.error = None  # a new forward: an earlier step's error must never be used
+    found = _main_output(output)
+    if found is None:
+        return None
+    key, y = found
+    hub.where = "output" if key is None else f"output[{key!r}]"
+    if not (torch.is_grad_enabled() and y.requires_grad):
+        return None
+    return _replaced(output, key, _CaptureError.apply(y, hub))
+
+
+def _seed(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class DFANode(FeedbackNode):
+    rule = "dfa"
+    options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
+    has_feedback_weight = False
+
+    def __init__(
+        self,
+        weight: Tensor,
+        *,
+        groups: int,
+        generator: torch.Generator,
+        transposed: bool = False,
+        scale: str | float = "xavier",
+    ):
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
+        if isinstance(scale, str):
+            if scale != "xavier":
+                raise ValueError(
+                    f"dfa: unknown scale {scale!r}; valid scales: xavier or a positive number "
+                    "(DFA's projection of the output error has no W to take 'weight' scale from)"
+                )
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"dfa: scale must be xavier or a positive number, got {scale!r}")
+        self.scale = scale
+        # the projections' shapes are known only in the first backward: keep a seed
+        self._draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._cache: dict[tuple, Tensor] = {}
+        self._output: OutputError | None = None
+
+    # -- the projection ----------------------------------------------------------------
+    def projection_std(self, d_out: int, d_in: int) -> float:
+        if isinstance(self.scale, str):
+            return math.sqrt(2.0 / (d_out + d_in))
+        return float(self.scale)
+
+    def _chunks(self, d_out: int, d_in: int, device: torch.device):
+        """``(start, stop, P[:, start:stop])`` in float32, each from its own seeded draw."""
+        cols = BLOCK
+        std = self.projection_std(d_out, d_in)
+        gen = torch.Generator(device=device)
+        for i, start in enumerate(range(0, d_in, cols)):
+            stop = min(d_in, start + cols)
+            gen.manual_seed(_seed(self._draw_seed, d_out, d_in, i))
+            p = torch.randn((d_out, stop - start), generator=gen, device=device, dtype=torch.float32)
+            yield start, stop, p.mul_(std)
+
+    def projection(self, d_out: int, d_in: int, device: torch.device | str = "cpu") -> Tensor:
+        """The whole ``(d_out, d_in)`` projection ``P`` (float32) this op uses for an output
+        error of ``d_out`` numbers and an input of ``d_in`` per sample."""
+        device = torch.device(device)
+        gen_device = torch.device("cpu") if d_out * d_in <= CACHE_LIMIT else device
+        return torch.cat([p for _, _, p in self._chunks(d_out, d_in, gen_device)], 1).to(device)
+
+    def project(self, e: Tensor, d_in: int) -> Tensor:
+        """``e @ P``: ``(n, d_out)`` output errors to ``(n, d_in)`` input errors."""
+        d_out = e.shape[1]
+        if d_out * d_in <= CACHE_LIMIT:
+            key = (d_out, d_in, e.device, e.dtype)
+            P = self._cache.get(key)
+            if P is None:
+                P = self._cache[key] = self.projection(d_out, d_in).to(device=e.device, dtype=e.dtype)
+            return e.mm(P)
+        out = e.new_empty((e.shape[0], d_in))
+        for start, stop, p in self._chunks(d_out, d_in, e.device):
+            out[:, start:stop] = e.mm(p.to(e.dtype))
+        return out
+
+    def input_error(self, x: Tensor) -> Tensor:
+        """``P(e)`` in ``x``'s shape, from the output error captured this step."""
+        err = None if self._output is None else self._output.error
+        name = getattr(self, "op_name", "?")
+        if err is None:
+            raise RuntimeError(
+                f"dfa: op '{name}' needs the model's output error, but none was captured in this "
+                "backward: compute the loss from the converted model's main output (the output itself, "
+                "the first tensor of a tuple, or a dict's 'logits'/'out')"
+            )
+        n = err.shape[0]
+        e = err.reshape(n, -1).to(x.dtype)
+        d_in = x.numel() // n
+        if x.shape[0] == n:
+            return self.project(e, d_in).reshape(x.shape)
+        if x.dim() > 1 and x.shape[1] == n:  # sequence-first (seq, batch, ...), as MHA's inner ops
+            g = self.project(e, d_in).reshape(n, x.shape[0], *x.shape[2:])
+            return g.transpose(0, 1).contiguous()
+        if x.shape[0] % n == 0:  # windows of each sample, sample-major (Swin)
+            return self.project(e, d_in).reshape(x.shape)
+        raise RuntimeError(
+            f"dfa: op '{name}' has input of shape {tuple(x.shape)}, whose samples cannot be matched "
+            f"with the output error's batch of {n}; keep this op on another rule with a rule mapping"
+        )
+
+    # -- the op's backward -------------------------------------------------------------
+    def backward(self, family, e, x, weight, state, need):
+        # BP's weight and bias gradients for the error that reached the op; no kernel read
+        _, gw, gb = family.fused(e, x, weight, False, need.w, need.b)
+        gx = self.input_error(x) if need.x else None
+        return gx, gw, gb, ()
+
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        raise TypeError(
+            "dfa has no W-shaped feedback weight (an op's input error is a projection of the model's "
+            "output error); use pfa_fx.gradient_alignment to compare its updates with BP's"
+        )
+
+    # -- model-level hooks -------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> None:
+        from ..convert import ConversionError  # the pass imports the rules
+
+        banks = [name for name, node in nodes if getattr(node, "expert_bank", False)]
+        if banks:
+            raise ConversionError(
+                f"dfa cannot serve expert-mixed kernels ({', '.join(banks)}): their routing's error needs a "
+                "W-shaped feedback bank; map these ops to another rule, e.g. {'" + banks[0] + "': 'fa', '*': 'dfa'}"
+            )
+        hub = OutputError()
+        for _, node in nodes:
+            node._output = hub
+        model.pfa_dfa_output = hub
+        model.register_forward_hook(capture_output_error)
+
+    @classmethod
+    def report_notes(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
+        hub = model.__dict__.get("pfa_dfa_output")
+        where = getattr(hub, "where", None) or "the main output (known after the first forward)"
+        return [f"dfa: {len(nodes)} ops take a fixed random projection of the output error captured at {where}"]
