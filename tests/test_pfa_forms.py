@@ -214,3 +214,34 @@ def test_auto_route_picks_the_cheaper_backward_for_the_shape():
     assert compact.choose_route(positions=128 * 7 * 7) == "product"
     with pytest.raises(ValueError, match="valid routes: auto, product, population"):
         pfa_fx.convert(nn.Linear(3, 3), "pfa", route="fast")
+
+
+def test_sparse_B_population_product_and_compact_forms_give_the_same_trajectory():
+    # density 0.3: B is masked (each error unit reaches ~30 % of its group's output units,
+    # grouped conv and grouped transposed conv included); G = B B^T is then no longer close
+    # to I, and every form must still follow the population oracle exactly under SGD
+    gen = torch.Generator().manual_seed(5)
+    data = [
+        (torch.randn(6, 3, 8, 8, generator=gen, dtype=DT), torch.randint(0, 5, (6,), generator=gen)) for _ in range(4)
+    ]
+    net = _net()
+    forms = {
+        f"{state}-{route}": pfa_fx.convert(
+            net, "pfa", expansion=3, seed=4, density=0.3, compact=state == "compact", route=route
+        )
+        for state in ("explicit", "compact")
+        for route in ("product", "population")
+    }
+    nodes = dict(pfa_fx.feedback_modules(forms["explicit-product"]))
+    assert all(0.1 < (n.B != 0).double().mean().item() < 0.6 for n in nodes.values())
+    population = PopulationNet(net, nodes)
+    for model in (population, *forms.values()):
+        _train(model, 12, SGD_VARIANTS["momentum"], data)
+    for k in ("0", "2", "4", "6", "9"):
+        W_pop = population.net[int(k)].weight.detach()
+        Wb_pop = population.feedback(k)
+        for name, model in forms.items():
+            W = getattr(model, k).weight.detach()
+            assert (W - W_pop).norm() <= 1e-9 * W_pop.norm(), (name, k)
+            node = dict(pfa_fx.feedback_modules(model))[k]
+            assert (node.feedback_weight() - Wb_pop).norm() <= 1e-9 * Wb_pop.norm(), (name, k)

@@ -16,12 +16,16 @@ from torch import nn
 
 import pfa_fx
 from pfa_fx.theory import (
+    _gram_moments,
+    _iid_gram_moments,
+    effective_ratio,
     feedback_gram,
     marchenko_pastur_moments,
     marchenko_pastur_pdf,
     marchenko_pastur_support,
     nbar_for,
     path_angle,
+    path_cosine_moments,
     predicted_eigenvalue_std,
     predicted_path_angle,
     simulate_path_angle,
@@ -188,6 +192,88 @@ def test_pfa_o_gram_is_identity(n_out, expansion):
         feedback_gram(n_out, 0.5, _gen(0), orthonormal=True)
 
 
+# --- sparse B (density < 1) -------------------------------------------------------------
+
+
+def test_iid_moment_formulas_reduce_to_wishart():
+    # The general formulas (derived for any i.i.d. symmetric entries) at Gaussian moments
+    # (κ4, κ6, κ8) = (3, 15, 105) must give the independently known Wishart values.
+    for n, m in [(1, 1), (4, 8), (16, 40), (256, 2560), (32, 16)]:
+        general = _iid_gram_moments(n, m, 3.0, 15.0, 105.0)
+        assert general == pytest.approx(_gram_moments(n, m, 1.0), rel=1e-12), (n, m)
+
+
+@pytest.mark.parametrize(("n", "m", "density"), [(4, 8, 0.3), (3, 6, 0.5)])
+def test_sparse_gram_moments_match_simulation(n, m, density):
+    # 80,000 sparse B (as the rule draws them: Bernoulli mask, kept entries / sqrt(density),
+    # drawn in one batch). For E g2 the s.e. is sqrt(Var g2 / N) (0.010 at (4, 8, 0.3)):
+    # tolerance 5 s.e.; the Wishart value (density 1) is 25+ s.e. away. Var g1 and
+    # Cov(g1, g2) have relative s.e. <= 2.5 %: tolerance 10 % (their Wishart values are
+    # 2.5-6.5x smaller).
+    N = 80_000
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn((N, n, m), generator=gen, dtype=torch.float64) / math.sqrt(m)
+    B = X * (torch.rand((N, n, m), generator=gen, dtype=torch.float64) < density) / math.sqrt(density)
+    G = B @ B.mT
+    g1 = (G.diagonal(dim1=1, dim2=2).sum(-1) / n).numpy()
+    g2 = ((G * G).sum((1, 2)) / n).numpy()
+    mu2, var1, cov12, var2 = _gram_moments(n, m, density)
+    assert mu2 == pytest.approx(1.0 + (n + 3.0 / density - 2) / m, rel=1e-14)
+    se = math.sqrt(var2 / N)
+    assert abs(g2.mean() - mu2) < 5 * se, (g2.mean(), mu2, se)
+    assert abs(g2.mean() - _gram_moments(n, m, 1.0)[0]) > 25 * se
+    assert g1.mean() == pytest.approx(1.0, abs=5 * math.sqrt(var1 / N))
+    assert g1.var() == pytest.approx(var1, rel=0.1)
+    assert np.cov(g1, g2)[0, 1] == pytest.approx(cov12, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("n_out", "expansion", "density", "trials"),
+    [(64, 1.0, 0.2, 200), (64, 4.0, 0.1, 200), (64, 10.0, 0.5, 200), (16, 2.0, 0.3, 2000)],
+)
+def test_sparse_path_angle_matches_theory(n_out, expansion, density, trials):
+    # The simulated mean angle (sparse B drawn by the rule's own mask) against the
+    # finite-size prediction: tolerance 4 Monte-Carlo s.e. (std/sqrt(trials), 0.03–0.07° here)
+    # plus 0.05° for the second-order expansion. The dense prediction (0.6–5° away) must be
+    # rejected by the same simulation.
+    mean, std = simulate_path_angle(n_out, n_out, expansion, trials, _gen(12), density=density)
+    se = std / math.sqrt(trials)
+    predicted = predicted_path_angle(expansion, n_out, n_out, density=density)
+    assert abs(mean - predicted) < 4 * se + 0.05, (mean, predicted, se)
+    assert abs(mean - predicted_path_angle(expansion, n_out, n_out)) > 8 * se + 0.1
+    # the leading term, tan² θ ≈ λ_eff = (n_out + 3/density - 2)/n̄, is within 0.15° of the
+    # full prediction at n_out = 64 (the second-order terms reach 0.9° at n_out = 16)
+    lam = effective_ratio(expansion, n_out, density)
+    assert lam == pytest.approx((n_out + 3 / density - 2) / nbar_for(n_out, expansion), rel=1e-14)
+    assert math.degrees(math.atan(math.sqrt(lam))) == pytest.approx(predicted, abs=0.15 if n_out >= 64 else 1.0)
+
+
+def test_density_one_gives_the_dense_numbers_exactly():
+    # values of the dense theory before density existed (pfa_fx.theory at commit 33da415)
+    assert predicted_path_angle(2.0, 16, 16) == 35.72807709571056
+    assert predicted_path_angle(10.0, 64) == 17.669738660755783
+    assert predicted_eigenvalue_std(4.0, 32) == 0.5072713462733727
+    assert path_cosine_moments(3.0, 8, 8) == (0.8617343396850357, 0.0012778574527993443)
+    for e in (0.5, 1.0, 3.7, 100.0):
+        for n_out, n_in in ((None, None), (4, None), (16, 16), (128, 64)):
+            assert predicted_path_angle(e, n_out, n_in, density=1.0) == predicted_path_angle(e, n_out, n_in)
+        assert predicted_eigenvalue_std(e, 32, density=1.0) == predicted_eigenvalue_std(e, 32)
+        assert effective_ratio(e, 32) == (32 + 1) / nbar_for(32, e)
+        assert effective_ratio(e, 32) == pytest.approx(_gram_moments(32, nbar_for(32, e), 1.0)[0] - 1, rel=1e-13)
+    for orthonormal in (False, True):
+        a = simulate_path_angle(16, 8, 3.0, 3, _gen(7), orthonormal=orthonormal)
+        assert simulate_path_angle(16, 8, 3.0, 3, _gen(7), orthonormal=orthonormal, density=1.0) == a
+    assert torch.equal(feedback_gram(8, 2.0, _gen(0), density=1.0), feedback_gram(8, 2.0, _gen(0)))
+    # the n_out -> ∞ limit at fixed density is the dense one; sparsity is a 1/n̄ effect
+    assert predicted_path_angle(10.0, density=0.1) == predicted_path_angle(10.0)
+    assert predicted_path_angle(10.0, 10**6, density=0.1) == pytest.approx(predicted_path_angle(10.0), abs=1e-3)
+    assert predicted_path_angle(10.0, 256, density=0.1) > predicted_path_angle(10.0, 256) + 0.5
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        predicted_path_angle(10.0, 64, density=0.0)
+    with pytest.raises(ValueError, match=r"density must be 1\.0"):
+        feedback_gram(8, 2.0, _gen(0), orthonormal=True, density=0.5)
+
+
 # --- the library's converged PFA feedback ------------------------------------------------
 
 
@@ -223,10 +309,18 @@ def test_fig3_example_smoke(tmp_path):
     for name in ("fig3_table.csv", "fig3_curves.csv"):
         assert (tmp_path / name).exists()
     lines = (tmp_path / "fig3_table.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("density,expansion,")
     assert len(lines) == 1 + len(rows) >= 5
+    assert {r["density"] for r in rows} == {1.0, 0.5, 0.2, 0.1}
     curves = (tmp_path / "fig3_curves.csv").read_text()
+    assert curves.startswith("panel,series,density,x,y,yerr")
     for series in ("angle_theory", "angle_sim", "angle_pfa_o_sim", "std_theory", "std_sim", "mp_pdf_exp10"):
         assert f",{series}," in curves
-    for r in rows:  # n_out=32, 2 draws: per-draw sd <= ~1°
-        assert abs(r["angle_sim_mean"] - r["angle_theory_finite"]) < 2.0
-        assert r["angle_pfa_o_mean"] < 1e-4
+    for series in ("angle_theory_sparse", "angle_sim_sparse", "excess_sim", "angle_sim_vs_expansion_x_density"):
+        assert f",{series},0.1," in curves
+    for r in rows:  # n_out=32, 2 draws: per-draw sd <= ~1° dense, up to 2.6° at density 0.1
+        assert abs(r["angle_sim_mean"] - r["angle_theory_finite"]) < (2.0 if r["density"] == 1.0 else 3.0)
+        if r["density"] == 1.0:
+            assert r["angle_pfa_o_mean"] < 1e-4
+        else:
+            assert math.isnan(r["angle_pfa_o_mean"])

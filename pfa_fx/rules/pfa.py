@@ -20,8 +20,22 @@ shape the one with fewer multiply-adds beyond BP's own backward: ``"product"`` b
 and the reference implementation does (cheap where few positions remain, e.g. the last
 stage of a ResNet on small images). Both give the same gradients.
 
+``density`` (default 1.0) makes ``B`` sparse: each error unit of ``ē`` connects to a random
+fraction ``density`` of the layer's output units (independent Bernoulli(density) mask over
+``B``'s entries, drawn after ``R`` from the same seeded generator, so the Gaussian values of
+``B`` and ``R0`` are the same at every density), and the kept entries are scaled by
+``1/sqrt(density)`` so that ``E[B B^T] = I`` still. An output unit whose mask row came out
+empty (probability ``(1 - density)^n̄`` per unit) is connected to one error unit drawn at
+random, so that every unit sends its error somewhere and ``G = B B^T`` has no zero row.
+With ``compact=True`` a sparse ``G`` must be well conditioned; conversion refuses (``ValueError``)
+when it is not and asks for a larger ``density`` or ``expansion``. ``density=1.0`` draws
+exactly what the dense rule always drew. :mod:`pfa_fx.theory` gives the path alignment:
+sparsity adds ``3(1/density - 1)/n̄`` to the effective ratio ``(n_out + 1)/n̄`` of the dense
+rule (``tan² θ ≈ λ_eff``), a finite-size effect that fades as the layer grows at fixed density.
+
 ``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
-decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``.
+decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``. It accepts
+only ``density=1.0``: orthonormalizing the rows of a sparse ``B`` fills it in again.
 """
 
 from __future__ import annotations
@@ -61,6 +75,42 @@ def _warn_if_not_sgd(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         )
 
 
+#: compact=True with sparse B refuses G = B B^T whose condition number exceeds this: S = G^-1 B R0
+#: would then be dominated by rounding, and W_b = G·S (in the weight's dtype) with it
+MAX_COMPACT_CONDITION = 1e8
+
+
+def check_density(density: Any, rule: str) -> float:
+    """``density`` as a float in ``(0, 1]``, or ``ValueError`` naming the valid range."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(
+            f"{rule}: density must be a number in (0, 1] (the fraction of output units each error unit "
+            f"connects to), got {density!r}"
+        )
+    return float(density)
+
+
+def sparse_feedback_mask(shape: tuple[int, ...], density: float, generator: torch.Generator) -> Tensor:
+    """Boolean mask ``(..., n_out, n̄)``: entry kept with probability ``density``, no empty row.
+
+    A row (output unit) left without any connection gets one, to an error unit drawn at
+    random: otherwise that unit's error would reach no one and ``G = B B^T`` would be singular.
+    """
+    mask = torch.rand(shape, generator=generator, dtype=torch.float64) < density
+    empty = ~mask.any(dim=-1)
+    if empty.any():
+        rows = empty.nonzero(as_tuple=True)
+        cols = torch.randint(shape[-1], (len(rows[0]),), generator=generator)
+        mask[(*rows, cols)] = True
+    return mask
+
+
+def sparsify_feedback(B: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """``B ⊙ mask / sqrt(density)`` (see :func:`sparse_feedback_mask`): ``E[B B^T]`` is unchanged."""
+    mask = sparse_feedback_mask(tuple(B.shape), density, generator)
+    return B * mask / math.sqrt(density)
+
+
 def _watch_optimizers() -> None:
     global _hook_handle
     if _hook_handle is None:
@@ -70,7 +120,13 @@ def _watch_optimizers() -> None:
 class PFANode(FeedbackNode):
     rule = "pfa"
     plastic = True
-    options: ClassVar[dict[str, Any]] = {"expansion": 10, "compact": False, "route": "auto", "scale": "xavier"}
+    options: ClassVar[dict[str, Any]] = {
+        "expansion": 10,
+        "compact": False,
+        "route": "auto",
+        "scale": "xavier",
+        "density": 1.0,
+    }
     orthonormal = False
 
     def __init__(
@@ -84,6 +140,7 @@ class PFANode(FeedbackNode):
         route: str = "auto",
         transposed: bool = False,
         scale: str | float = "xavier",
+        density: float = 1.0,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
@@ -96,6 +153,13 @@ class PFANode(FeedbackNode):
         if route not in ROUTES:
             raise ValueError(f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
         self.route = route
+        self.density = check_density(density, self.rule)
+        if self.orthonormal and self.density != 1.0:
+            raise ValueError(
+                f"{self.rule}: density must be 1.0, got {density!r}: orthonormalizing the rows of a sparse B "
+                "fills it in again, so an orthonormal B cannot keep a chosen sparsity; use rule='pfa' for "
+                "sparse feedback"
+            )
         g = self.groups
         out_g = self.n_out // g
         nbar_g = max(1, round(expansion * out_g))
@@ -117,10 +181,16 @@ class PFANode(FeedbackNode):
         if scale != "xavier":
             # W_b = B·R has R's entry scale (B B^T ≈ I): rescale R to the asked-for one
             R.mul_(feedback_std(weight, scale, self.rule) / xavier_std(r_shape))
+        if self.density < 1.0:
+            # drawn last: at density 1 nothing extra is drawn (seeded results stay as they were),
+            # and at any density B's Gaussian values and R0 are those of the dense rule
+            B = sparsify_feedback(B, self.density, generator)
         to = {"device": weight.device, "dtype": weight.dtype}
         if self.compact:
             G = B @ B.transpose(1, 2)
             G = (G + G.transpose(1, 2)) / 2  # exactly symmetric: the error-side mix uses G for G^T
+            if self.density < 1.0:
+                self._check_conditioning(G, nbar_g)
             BR = torch.bmm(B, self._grouped(R.double()))
             S = self._ungrouped(torch.linalg.solve(G, BR), self.weight_shape)  # G S0 = B R0, in float64
             self.register_buffer("G", G.to(**to))
@@ -134,6 +204,20 @@ class PFANode(FeedbackNode):
             # population route then mixes without copying B, and B·R reads it transposed
             self.register_buffer("B", B.transpose(1, 2).contiguous().transpose(1, 2).to(**to))
             self.R = nn.Parameter(R.to(**to))
+
+    def _check_conditioning(self, G: Tensor, nbar_g: int) -> None:
+        """Refuse a sparse ``G`` that the compact state cannot invert reliably."""
+        eig = torch.linalg.eigvalsh(G)  # (g, out_g), ascending
+        # a singular G can come out with a tiny negative eigenvalue: clamped, its condition is inf
+        cond = eig[:, -1] / eig[:, 0].clamp_min(torch.finfo(G.dtype).tiny)
+        worst = int(cond.argmax())
+        if float(cond[worst]) > MAX_COMPACT_CONDITION:
+            raise ValueError(
+                f"{self.rule}: compact=True needs G = B B^T invertible, but with density={self.density} and "
+                f"expansion={self.expansion} ({nbar_g} error units for {G.shape[1]} output units per group) "
+                f"G has condition number {float(cond[worst]):.2g} (> {MAX_COMPACT_CONDITION:.0e}) in group "
+                f"{worst}; raise density or expansion, or use compact=False"
+            )
 
     def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
         # entries N(0, 1/n̄) per group, so that B B^T ≈ I
