@@ -20,9 +20,25 @@ Epoch 0 is the initial model (no ``train_loss``). Distributed: ``torchrun`` sets
 on CPU, nccl on CUDA), ``--batch-size`` is the *global* batch (divided over ranks), data
 is sharded with ``DistributedSampler``, BatchNorm running statistics are averaged over
 ranks before each evaluation, and only rank 0 records alignments and writes files (the
-gradient-alignment probe runs on every rank: it advances brSF's per-batch draws).
+gradient-alignment probe runs on every rank, so that ranks stay identical whatever it
+does to a rule's state).
 Feedback state is drawn from ``(seed, op name)``, so it is identical on every rank
 without communication; DDP is built without per-forward buffer broadcasts.
+
+Checkpoints and ``--resume``. At the end of every epoch (and every ``--checkpoint-every``
+steps) rank 0 writes ``--out/checkpoint.pt``: the model's ``state_dict`` (feedback state
+included: brSF's draw counter and any rule's counters live in its extra state), optimizer
+and LR scheduler, every rank's torch/CUDA/numpy/python RNG states and partial epoch sums,
+the position (rule, epoch, step), the rules already finished and every curve row so far.
+It is written to a temporary file, fsynced and renamed over the old one, and starts with
+a header (magic, payload length, SHA-256), so a crash mid-write leaves the previous
+checkpoint intact and a truncated or damaged file is refused by name. The data stream is
+a pure function of ``(seed, epoch, sample)``: the sampler's order comes from ``(seed,
+epoch)`` and each training sample's random augmentation runs under torch's RNG seeded by
+``(seed, epoch, index)`` (then restored), whatever process or DataLoader worker loads it.
+A resumed run therefore skips the steps already taken without loading them and continues
+bit for bit as the uninterrupted run would have (on the CPU; tested for every rule, with
+one and two gloo processes).
 """
 
 from __future__ import annotations
@@ -31,14 +47,19 @@ import argparse
 import contextlib
 import copy
 import csv
+import hashlib
 import importlib.util
 import inspect
+import io
+import itertools
 import json
 import math
 import os
+import random
+import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,22 +70,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 import pfa_fx
 from pfa_fx.theory import predicted_path_angle
 
-RULES = ("bp", "fa", "sf", "kp", "pfa", "pfa-o")
-COLORS = {
+#: display and default order of the rules; any rule pfa_fx registers that is not listed
+#: here follows in registry order, so a new rule is trainable without editing this file
+RULE_ORDER = ("bp", "fa", "dfa", "sf", "kp", "wm", "pal", "pfa", "pfa-o")
+RULES: tuple[str, ...] = tuple(r for r in RULE_ORDER if r in pfa_fx.RULES) + tuple(
+    r for r in pfa_fx.RULES if r not in RULE_ORDER
+)
+_PALETTE = {
     "bp": "black",
     "fa": "tab:red",
+    "dfa": "tab:pink",
     "sf": "tab:orange",
     "kp": "tab:green",
+    "wm": "tab:olive",
+    "pal": "tab:cyan",
     "pfa": "tab:blue",
     "pfa-o": "tab:purple",
 }
+_SPARE = ("tab:brown", "tab:gray", "gold", "navy", "teal", "maroon")
+COLORS: dict[str, str] = _PALETTE | {
+    rule: _SPARE[i % len(_SPARE)] for i, rule in enumerate(r for r in RULES if r not in _PALETTE)
+}
 CSV_HEADER = ("seed", "rule", "epoch", "metric", "layer", "depth", "value")
+CHECKPOINT = "checkpoint.pt"  # in --out
 Row = tuple[int, str, int, str, str, str, float]
 
 
@@ -83,12 +117,13 @@ class Defaults:
 
 
 def add_common_args(p: argparse.ArgumentParser, d: Defaults) -> None:
-    p.add_argument("--rules", nargs="+", choices=RULES, default=None, help="rules to train (default: all six; smoke: bp pfa)")  # fmt: skip
+    p.add_argument("--rules", nargs="+", choices=RULES, default=None, help="rules to train (default: all of pfa_fx.RULES; smoke: bp pfa)")  # fmt: skip
     p.add_argument("--data", type=Path, default=None, help="dataset root")
     p.add_argument("--out", type=Path, default=Path(d.out), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="initial weights, feedback state, batch order")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs per rule (default {d.epochs}; smoke: 1)")
     p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    p.add_argument("--lr-rule", action="append", default=[], metavar="RULE=LR", help="learning rate for one rule instead of --lr (repeatable; the paper tunes it per rule)")  # fmt: skip
     p.add_argument("--schedule", choices=("step", "cosine", "constant"), default="step", help="lr schedule (per epoch)")
     p.add_argument("--milestones", type=int, nargs="*", default=d.milestones, help="step schedule: epochs where lr *= --gamma")  # fmt: skip
     p.add_argument("--gamma", type=float, default=0.1, help="step schedule factor")
@@ -119,11 +154,37 @@ def add_common_args(p: argparse.ArgumentParser, d: Defaults) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--smoke", action="store_true", help="seconds-long run on generated data (CI)")
+    p.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT} (starts afresh if there is none)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help=f"also write --out/{CHECKPOINT} every STEPS training steps (0: at the end of every epoch only)")  # fmt: skip
+    p.add_argument("--no-checkpoint", action="store_true", help=f"write no {CHECKPOINT}")
+    # for tests: leave cleanly, right after writing the checkpoint, as a killed job would have left it;
+    # epochs and steps count over the rules in turn (rule i's epoch e is epoch i * --epochs + e)
+    p.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+def parse_lr_rules(p: argparse.ArgumentParser, items: list[str], rules: Iterable[str]) -> dict[str, float]:
+    """``["pfa=0.05", "fa=0.01"]`` -> ``{"pfa": 0.05, "fa": 0.01}``; ``p.error`` on a bad item."""
+    out: dict[str, float] = {}
+    for item in items:
+        rule, sep, value = item.partition("=")
+        rule = rule.strip()
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not sep or rule not in rules or not (math.isfinite(lr) and lr > 0):
+            p.error(f"--lr-rule {item!r}: expected RULE=LR with RULE one of {', '.join(rules)} and LR > 0")
+        out[rule] = lr
+    return out
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: Defaults) -> argparse.Namespace:
+    if args.epochs is None:
+        args.epochs = 1 if args.smoke else defaults.epochs
     if args.rules is None:
         args.rules = ["bp", "pfa"] if args.smoke else list(RULES)
+    args.lr_rule = parse_lr_rules(p, args.lr_rule, RULES)
     if args.threads is None and args.smoke:
         args.threads = 1  # small convs on a shared CPU: more threads only oversubscribe it
     args.rules = list(dict.fromkeys(args.rules))
@@ -138,7 +199,16 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         p.error("--wd-epochs and --workers must be >= 0")
     if args.limit_steps is not None and args.limit_steps < 1:
         p.error("--limit-steps must be >= 1")
+    if args.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
+    if args.no_checkpoint and (args.checkpoint_every or args.stop_after_epoch or args.stop_after_step):
+        p.error("--no-checkpoint excludes --checkpoint-every (and stopping to resume)")
     return args
+
+
+def rule_lr(rule: str, args: argparse.Namespace) -> float:
+    """The rule's learning rate: ``--lr-rule RULE=LR`` if given, else ``--lr``."""
+    return args.lr_rule.get(rule, args.lr)
 
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,6 +307,318 @@ def average_bn_stats(model: nn.Module, d: Dist) -> None:
             for buf in (m.running_mean, m.running_var):
                 dist.all_reduce(buf)
                 buf /= d.world
+
+
+# ----------------------------------------------------------------------------- data stream
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from several integers (seed, epoch, index, ...): unrelated streams for
+    neighbouring tuples, the same in every process."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` loaded under torch's RNG seeded by ``(seed, epoch, index)`` and restored after.
+
+    A sample's random augmentation (RandomCrop, flips: torchvision draws from torch's
+    RNG) thus depends on nothing else: not on the DataLoader worker that loads it, nor on
+    what was drawn before it, nor on the process's own RNG, which stays untouched. That
+    is what lets a resumed run skip the steps already taken without loading them, and
+    makes results independent of ``--workers``. Keys come from :class:`EpochSampler`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        # the CPU generator only (torch.manual_seed would also reseed every CUDA device,
+        # 40x slower): a few microseconds a sample
+        gen = torch.default_generator
+        saved = gen.get_state()
+        gen.manual_seed(mix_seed("augment", self.seed, epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            gen.set_state(saved)
+
+
+class EpochSampler(Sampler):
+    """This rank's shard of the epoch's permutation (``DistributedSampler``, seeded by
+    ``(seed, epoch)``, drop_last) as ``(epoch, index)`` keys for :class:`SeededItems`,
+    optionally without its first ``skip`` samples (a run resumed mid-epoch)."""
+
+    def __init__(self, dataset: Dataset, d: Dist, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed, drop_last=True)  # fmt: skip
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.skip)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in itertools.islice(iter(self.inner), self.skip, None))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class CheckpointError(SystemExit):
+    """A checkpoint that cannot be resumed from (truncated, damaged, another run's); the
+    message names the file and what to do."""
+
+
+_MAGIC = b"PFA_FX-CKPT\x01"  # 12 bytes; the last one is the header's version
+_HEADER = struct.Struct("<12sQ32s")  # magic, payload length, SHA-256 of the payload
+_FORMAT = 1  # version of the payload's layout
+# flags that do not change the trajectory: a run may be resumed with other values
+_RESUME_NEUTRAL = {
+    "argv", "out", "data", "download", "resume", "checkpoint_every", "no_checkpoint", "stop_after_epoch",
+    "stop_after_step", "threads", "workers", "no_progress", "tensorboard",
+}  # fmt: skip
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically replace ``path`` with ``payload``: written to a temporary file in the same
+    folder, fsynced, renamed over ``path``; a crash at any point leaves the old file whole."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    header = _HEADER.pack(_MAGIC, len(data), hashlib.sha256(data).digest())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not on every filesystem)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """The payload of a checkpoint written by :func:`write_checkpoint`; :class:`CheckpointError`
+    if the file is truncated, damaged or not such a checkpoint."""
+    hint = f"delete {path} (or move it away) to start afresh"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if len(data) < _HEADER.size or not data.startswith(_MAGIC[:-1]):
+        what = "truncated (shorter than its header)" if len(data) < _HEADER.size else "not a pfa_fx checkpoint"
+        raise CheckpointError(f"checkpoint {path} is {what}; {hint}")
+    magic, length, digest = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise CheckpointError(f"checkpoint {path} has header version {magic[-1]}, this script reads {_MAGIC[-1]}")
+    body = memoryview(data)[_HEADER.size :]
+    if len(body) != length:
+        what = "truncated" if len(body) < length else "longer than written"
+        raise CheckpointError(f"checkpoint {path} is {what}: {len(body)} of {length} payload bytes; {hint}")
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"checkpoint {path} is damaged (SHA-256 mismatch); {hint}")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as exc:  # intact bytes torch cannot read: another torch, or not ours
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); {hint}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise CheckpointError(f"checkpoint {path} has an unknown layout; {hint}")
+    return payload
+
+
+def _plain(value: Any) -> Any:
+    """Arguments as checkpoint-safe builtins (Path -> str, tuple -> list)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that shape the trajectory: a resumed run must repeat them."""
+    return {k: _plain(v) for k, v in sorted(vars(args).items()) if k not in _RESUME_NEUTRAL}
+
+
+def rng_state(d: Dist) -> dict[str, Any]:
+    """This process's torch (CPU and current CUDA device), numpy and python RNG states."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None,
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any], d: Dist) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), d.device)
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _bn_buffers(gm: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    for name, m in gm.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for key, buf in m.named_buffers(recurse=False):
+                yield f"{name}.{key}" if name else key, buf
+
+
+def _rank_buffers(gm: nn.Module, d: Dist) -> dict[str, Tensor]:
+    """This rank's BatchNorm running statistics, when they may differ from rank 0's: under
+    DDP each rank keeps its own until :func:`average_bn_stats` at the end of the epoch, so a
+    mid-epoch checkpoint needs every rank's (rank 0's are in the model's state_dict)."""
+    if not d.distributed:
+        return {}
+    return {name: buf.detach().cpu().clone() for name, buf in _bn_buffers(gm)}
+
+
+@torch.no_grad()
+def _load_rank_buffers(gm: nn.Module, buffers: dict[str, Tensor]) -> None:
+    for name, buf in _bn_buffers(gm):
+        if name in buffers:
+            buf.copy_(buffers[name])
+
+
+def _gather(obj: Any, d: Dist) -> list[Any]:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    if not d.distributed:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Checkpointer:
+    """Writes ``--out/checkpoint.pt`` (rank 0; the RNG states and partial sums of every rank
+    are gathered first, so :meth:`save` is collective) and reads it back for ``--resume``.
+
+    Payload: ``format``, ``task``, ``config`` (:func:`run_config`), ``world_size``,
+    ``rows`` (every curve row so far), ``done`` (rule -> result of each finished rule) and
+    ``current``: the rule in progress (or just finished) with ``epoch`` (epochs completed),
+    ``step`` (steps of the next epoch already taken), ``model``/``optimizer``/``scheduler``
+    state dicts, ``train_s``, ``epoch_s`` and ``ranks`` (per rank: RNG states, the epoch's
+    partial loss sum and sample count, and under DDP its BatchNorm running statistics).
+    """
+
+    def __init__(self, args: argparse.Namespace, d: Dist, task: str, rec: Recorder):
+        self.args, self.d, self.task, self.rec = args, d, task, rec
+        self.path = args.out / CHECKPOINT
+        self.enabled = not args.no_checkpoint
+        self.done: dict[str, dict[str, Any]] = {}
+
+    def save(
+        self,
+        rule: str,
+        gm: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        *,
+        epoch: int,
+        step: int,
+        loss_sum: float,
+        seen: int,
+        train_s: float,
+        epoch_s: float,
+        finished: dict[str, Any] | None = None,
+    ) -> None:
+        """Checkpoint the run after ``epoch`` epochs and ``step`` steps of the next; ``finished``
+        (the rule's result) marks the rule as done."""
+        if not self.enabled:
+            return
+        mine = {"rng": rng_state(self.d), "loss_sum": loss_sum, "seen": seen, "buffers": _rank_buffers(gm, self.d)}
+        ranks = _gather(mine, self.d)
+        if finished is not None:
+            self.done[rule] = finished
+        if self.d.main:
+            done = {
+                r: {**res, "layers": [[lay.name, lay.depth, list(lay.shape)] for lay in res["layers"]]}
+                for r, res in self.done.items()
+            }
+            current = {
+                "rule": rule,
+                "epoch": epoch,
+                "step": step,
+                "finished": finished is not None,
+                "model": gm.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "train_s": train_s,
+                "epoch_s": epoch_s,
+                "ranks": ranks,
+            }
+            payload = {
+                "format": _FORMAT,
+                "task": self.task,
+                "config": run_config(self.args),
+                "world_size": self.d.world,
+                "rows": [list(r) for r in self.rec.rows],
+                "done": done,
+                "current": current,
+            }
+            write_checkpoint(self.path, payload)
+        self.d.barrier()  # no rank runs ahead (or exits) before the file is in place
+
+    def load(self) -> dict[str, Any] | None:
+        """Read the checkpoint for ``--resume`` (every rank): restores the curve rows and the
+        finished rules; returns the state of the rule to continue, or None (start it afresh)."""
+        if not self.path.exists():
+            if self.d.main:
+                print(f"--resume: no {self.path} yet; starting afresh", flush=True)
+            return None
+        ck = read_checkpoint(self.path, self.d.device)
+        if ck["task"] != self.task:
+            raise CheckpointError(f"checkpoint {self.path} is from {ck['task']}, not {self.task}")
+        if ck["world_size"] != self.d.world:
+            raise CheckpointError(
+                f"checkpoint {self.path} was written by {ck['world_size']} process(es), this run has {self.d.world}: "
+                "the per-rank batches and random streams would differ; resume with the same number of processes"
+            )
+        config = run_config(self.args)
+        diff = sorted(k for k in config.keys() | ck["config"].keys() if config.get(k) != ck["config"].get(k))
+        if diff:
+            pairs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise CheckpointError(
+                f"checkpoint {self.path} is from a run with other settings ({pairs}); "
+                "resume with the same flags, or use another --out"
+            )
+        self.rec.rows = [tuple(r) for r in ck["rows"]]
+        self.done = {
+            rule: {**res, "layers": [Layer(n, dep, tuple(sh)) for n, dep, sh in res["layers"]]}
+            for rule, res in ck["done"].items()
+        }
+        current = ck["current"]
+        if self.d.main:
+            where = "nothing trained yet"
+            if current is not None:
+                where = f"{current['rule']} after epoch {current['epoch']}" + (
+                    f" and {current['step']} steps" if current["step"] else ""
+                )
+            print(f"--resume: {self.path} ({where}; finished: {', '.join(self.done) or 'none'})", flush=True)
+        if current is None:
+            return None
+        if current["finished"]:  # the next rule starts afresh; carry numpy/python RNG on as before
+            set_rng_state(current["ranks"][self.d.rank]["rng"], self.d)
+            return None
+        return current
 
 
 # ----------------------------------------------------------------------------- task
@@ -341,9 +723,9 @@ def fixed_batch(dataset: Dataset, n: int) -> tuple[Tensor, Tensor]:
 def gradient_angles(gm: nn.Module, batch: tuple[Tensor, Tensor], args: argparse.Namespace, d: Dist) -> dict[str, float]:
     """Angle per op between the rule's weight update and BP's on the fixed batch (fp32, eval mode).
 
-    Run on every rank, not only the one that records it: each of its two forwards draws a
-    fresh brSF magnitude (the rule's per-batch counter advances), and the counters must
-    stay equal on all ranks.
+    Run on every rank, not only the one that records it, so that whatever the probe does
+    to a rule's state stays the same on all ranks (``pfa_fx.gradient_alignment`` puts
+    per-batch counters such as brSF's draw index back, so training's streams do not move).
     """
     x, y = _to(batch[0], d, args.channels_last), batch[1].to(d.device)
     gm.eval()
@@ -356,33 +738,51 @@ def _mean(values: Any) -> float:
 
 
 def train_rule(
-    init: nn.Module, rule: str, task: Task, args: argparse.Namespace, d: Dist, rec: Recorder
+    init: nn.Module,
+    rule: str,
+    task: Task,
+    args: argparse.Namespace,
+    d: Dist,
+    rec: Recorder,
+    ckpt: Checkpointer,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Convert a copy of ``init`` to ``rule``, train it and record its curves; returns timing info."""
-    torch.manual_seed(args.seed + d.rank)  # augmentation RNG (workers=0): same for every rule
+    """Convert a copy of ``init`` to ``rule``, train it and record its curves; returns timing info.
+
+    ``state`` (``Checkpointer.load``) continues the rule from a checkpoint; the result then
+    matches an uninterrupted run's bit for bit on the CPU. ``"stopped"`` in the result: the
+    run left early (``--stop-after-epoch``/``--stop-after-step``) after checkpointing.
+    """
+    torch.manual_seed(args.seed + d.rank)  # model-side randomness (e.g. dropout): same for every rule
     gm = pfa_fx.convert(copy.deepcopy(init), rule, seed=args.seed, **rule_options(rule, args))
     gm.to(d.device)
     if args.channels_last:
         gm.to(memory_format=torch.channels_last)
     layers = layer_table(gm)
-    model = _ddp(gm, d) if d.distributed else gm
-    step_model = torch.compile(model) if args.compile else model
-    opt = torch.optim.SGD(gm.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    lr = rule_lr(rule, args)
+    order = args.rules.index(rule)  # the hidden --stop-after-* flags count epochs and steps over all rules
+    opt = torch.optim.SGD(gm.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(args, e))
+    if state is not None:  # before DDP (which broadcasts rank 0's weights) and torch.compile
+        gm.load_state_dict(state["model"])  # feedback state too, counters included (extra state)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    model = _ddp(gm, d) if d.distributed else gm
+    if state is not None:  # after DDP, whose construction copies rank 0's buffers to every rank
+        _load_rank_buffers(gm, state["ranks"][d.rank]["buffers"])
+    step_model = torch.compile(model) if args.compile else model
 
     per_rank = max(1, args.batch_size // d.world)
-    sampler = DistributedSampler(
-        task.train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True
-    )
+    sampler = EpochSampler(task.train_set, d, args.seed)
     cuda = d.device.type == "cuda"
     loader = DataLoader(
-        task.train_set,
+        SeededItems(task.train_set, args.seed),
         batch_size=per_rank,
         sampler=sampler,
         num_workers=args.workers,
         pin_memory=cuda,
         drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed * 1000 + d.rank),
+        generator=torch.Generator(),  # reseeded per epoch: workers' seeds are a function of (seed, epoch, rank)
     )
     test_loader = DataLoader(
         Subset(task.test_set, range(d.rank, len(task.test_set), d.world)),
@@ -396,14 +796,14 @@ def train_rule(
     align_batch = fixed_batch(task.test_set, args.align_batch)
     tb = None
     if args.tensorboard is not None and d.main:
-        tb = pfa_fx.AlignmentLogger(args.out / f"alignment_{rule}.csv", tensorboard_dir=args.tensorboard / rule)
+        tb = _alignment_logger(args, rule, state)
 
     def log_epoch(epoch: int, **scalars: float) -> dict[str, Any]:
         test_loss, acc, acc5 = evaluate(gm, test_loader, args, d)
         info: dict[str, Any] = {"test_acc": acc, "test_loss": test_loss}
         grad = gradient_angles(gm, align_batch, args, d)
         if d.main:
-            align = pfa_fx.alignment(gm)
+            align = pfa_fx.alignment(gm)  # may leave ops out (DFA has no W-shaped feedback)
             rec.scalar(rule, epoch, test_acc=acc, test_acc5=acc5, test_loss=test_loss, **scalars)
             rec.layers(rule, epoch, "angle_deg", {k: a for k, (a, _) in align.items()}, layers)
             rec.layers(rule, epoch, "norm_ratio", {k: r for k, (_, r) in align.items()}, layers)
@@ -415,22 +815,38 @@ def train_rule(
         return info
 
     start = time.perf_counter()
-    log_epoch(0, lr=args.lr, weight_decay=args.weight_decay)
+    first, skip, train_s = 1, 0, 0.0
+    if state is None:
+        log_epoch(0, lr=lr, weight_decay=args.weight_decay)
+    else:  # epoch 0 and every epoch up to state["epoch"] are in the restored rows
+        first, skip, train_s = state["epoch"] + 1, state["step"], state["train_s"]
+        # last, so nothing above (conversion, data setup) moves the restored streams
+        set_rng_state(state["ranks"][d.rank]["rng"], d)
     bar = tqdm(
-        total=args.epochs * steps, desc=f"{task.name} {rule}", unit="step", disable=args.no_progress or not d.main
+        total=args.epochs * steps,
+        initial=(first - 1) * steps + skip,
+        desc=f"{task.name} {rule}",
+        unit="step",
+        disable=args.no_progress or not d.main,
     )
-    train_s, diverged = 0.0, False
-    for epoch in range(1, args.epochs + 1):
-        if epoch == args.wd_epochs + 1:
+    diverged, stopped, info, where = False, False, {}, {}
+    for epoch in range(first, args.epochs + 1):
+        mid = state is not None and epoch == first and skip > 0  # resuming inside this epoch
+        if epoch == args.wd_epochs + 1 and not mid:  # (a mid-epoch checkpoint has it applied already)
             for group in opt.param_groups:
                 group["weight_decay"] *= args.wd_factor
-        lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
-        sampler.set_epoch(epoch)
+        lr_now, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+        sampler.set_epoch(epoch, skip=skip * per_rank)
+        loader.generator.manual_seed(mix_seed("loader", args.seed, epoch, d.rank))
         gm.train()
-        t0 = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=d.device)
-        seen = 0
-        for i, (x, y) in enumerate(loader):
+        seen, epoch_s = 0, 0.0
+        if mid:
+            mine = state["ranks"][d.rank]
+            total += mine["loss_sum"]  # float64 -> float64: exact
+            seen, epoch_s = mine["seen"], state["epoch_s"]
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader, start=skip):
             if i == steps:
                 break
             x, y = _to(x, d, args.channels_last), y.to(d.device, non_blocking=True)
@@ -444,26 +860,64 @@ def train_rule(
             bar.update()
             if i % 20 == 0 and not args.no_progress and d.main:
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3g}", refresh=False)
+            done_steps = (epoch - 1) * steps + i + 1
+            stop_here = args.stop_after_step == (order * args.epochs * steps + done_steps)
+            if i + 1 < steps and (stop_here or (args.checkpoint_every and done_steps % args.checkpoint_every == 0)):
+                now = time.perf_counter()
+                ckpt.save(rule, gm, opt, sched, epoch=epoch - 1, step=i + 1, loss_sum=float(total), seen=seen,
+                          train_s=train_s, epoch_s=epoch_s + now - t0)  # fmt: skip
+                t0 += time.perf_counter() - now  # writing is not training time
+                if stop_here:
+                    stopped, where = True, {"epoch": epoch - 1, "step": i + 1}
+                    break
+        skip = 0
+        if stopped:
+            break
         sched.step()
         loss_sum, n = d.all_sum([float(total), float(seen)])
         train_loss = loss_sum / max(n, 1)
-        epoch_s = time.perf_counter() - t0
+        epoch_s += time.perf_counter() - t0
         train_s += epoch_s
         average_bn_stats(gm, d)
-        info = log_epoch(epoch, train_loss=train_loss, lr=lr, weight_decay=wd, epoch_time_s=epoch_s)
+        info = log_epoch(epoch, train_loss=train_loss, lr=lr_now, weight_decay=wd, epoch_time_s=epoch_s)
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3g}", acc=f"{info['test_acc']:.3f}", refresh=True)
-        if not math.isfinite(train_loss):
-            diverged = True
+        diverged = not math.isfinite(train_loss)
+        finished = None
+        if diverged or epoch == args.epochs:
+            finished = {"train_s": train_s, "total_s": time.perf_counter() - start, "diverged": diverged, "layers": layers}  # fmt: skip
+        ckpt.save(rule, gm, opt, sched, epoch=epoch, step=0, loss_sum=0.0, seen=0, train_s=train_s, epoch_s=0.0, finished=finished)  # fmt: skip
+        if diverged:
             if d.main:
                 tqdm.write(f"warning: {rule} diverged at epoch {epoch} (train loss {train_loss}); stopping this rule")
+            break
+        run_epoch = order * args.epochs + epoch
+        if args.stop_after_epoch == run_epoch or args.stop_after_step == run_epoch * steps:
+            stopped, where = True, {"epoch": epoch, "step": 0}
             break
     bar.close()
     if tb is not None:
         tb.close()
+    if stopped:
+        return {"stopped": True, **where}
     if d.main:
         extra = f", mean W-W_b angle {info['angle']:.1f}°, mean grad angle {info['grad']:.1f}°"
         tqdm.write(f"{rule}: test acc {100 * info['test_acc']:.2f}%{extra} ({train_s:.1f} s training)")
     return {"train_s": train_s, "total_s": time.perf_counter() - start, "diverged": diverged, "layers": layers}
+
+
+def _alignment_logger(args: argparse.Namespace, rule: str, state: dict[str, Any] | None) -> Any:
+    """``pfa_fx.AlignmentLogger`` for ``rule``; when resuming, its CSV keeps the rows of the
+    epochs the checkpoint covers (the logger itself always starts a new file)."""
+    path = args.out / f"alignment_{rule}.csv"
+    kept: list[list[str]] = []
+    if state is not None and path.exists():
+        with path.open(newline="") as f:
+            kept = [row for row in itertools.islice(csv.reader(f), 1, None) if row and int(row[0]) <= state["epoch"]]
+    tb = pfa_fx.AlignmentLogger(path, tensorboard_dir=args.tensorboard / rule)
+    writer = getattr(tb, "_csv", None)  # private, but the only way to append through the open logger
+    if kept and writer is not None:
+        writer.writerows(kept)
+    return tb
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -545,13 +999,17 @@ def plot(
     ax_acc.legend(fontsize=9)
     ax_angle.legend(fontsize=8, loc="best")
     fig.suptitle(
-        f"{task.title}: SGD lr {args.lr:g} ({args.schedule}), batch {args.batch_size}, momentum {args.momentum:g}, "
+        f"{task.title}: SGD lr {args.lr:g}{_lr_rule_text(args)} ({args.schedule}), batch {args.batch_size}, momentum {args.momentum:g}, "
         f"weight decay {args.weight_decay:g} for {args.wd_epochs} epoch(s) (dotted vertical) then ×{args.wd_factor:g}; "
         f"expansion {args.expansion:g}; seed {args.seed}" + (" [SMOKE: generated data]" if args.smoke else ""),
         fontsize=10,
     )
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _lr_rule_text(args: argparse.Namespace) -> str:
+    return "".join(f", {rule} {lr:g}" for rule, lr in args.lr_rule.items())
 
 
 def summarize(rows: list[Row], task: Task, args: argparse.Namespace, info: dict[str, Any], d: Dist) -> dict[str, Any]:
@@ -569,6 +1027,7 @@ def summarize(rows: list[Row], task: Task, args: argparse.Namespace, info: dict[
             "best_test_acc": float(np.nanmax(acc)) if len(acc) else float("nan"),
             "test_error_pct": 100 * (1 - float(acc[-1])) if len(acc) else float("nan"),
             "published_error_pct": task.reference_error.get(rule),
+            "lr": rule_lr(rule, args),
             "mean_angle_deg": _mean(angle.values()),
             "mean_norm_ratio": _mean(ratio.values()),
             "mean_grad_angle_deg": _mean(grad.values()),
@@ -608,7 +1067,11 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, d: Dist, task: Task) -> dict[str, Any] | None:
-    """Train every rule, write ``curves.csv``, ``<task.name>.png`` and ``summary.json`` (rank 0)."""
+    """Train every rule, write ``curves.csv``, ``<task.name>.png`` and ``summary.json`` (rank 0).
+
+    Checkpoints to ``--out/checkpoint.pt`` as it goes; ``--resume`` continues from there.
+    Returns the summary on rank 0, None elsewhere and when stopped early (hidden
+    ``--stop-after-*`` flags)."""
     if d.main:
         args.out.mkdir(parents=True, exist_ok=True)
         print(
@@ -616,6 +1079,7 @@ def run(args: argparse.Namespace, d: Dist, task: Task) -> dict[str, Any] | None:
             f"rules {' '.join(args.rules)}; {args.epochs} epochs; world size {d.world}; device {d.device}",
             flush=True,
         )
+    d.barrier()  # --out exists before any rank looks for a checkpoint in it
     torch.manual_seed(args.seed)
     init = task.build_model()
     if args.sync_bn:
@@ -623,32 +1087,67 @@ def run(args: argparse.Namespace, d: Dist, task: Task) -> dict[str, Any] | None:
             raise SystemExit("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on CPU)")
         init = nn.SyncBatchNorm.convert_sync_batchnorm(init)
     rec = Recorder(args.seed, args.out / "curves.csv" if d.main else None)
-    info: dict[str, Any] = {}
+    ckpt = Checkpointer(args, d, task.name, rec)
+    resume = None
+    if args.resume:
+        resume = ckpt.load()
+    elif d.main and ckpt.enabled and ckpt.path.exists():  # a forgotten --resume must not cost a long run
+        backup = ckpt.path.with_name(ckpt.path.name + ".bak")
+        os.replace(ckpt.path, backup)
+        print(f"note: starting afresh (no --resume); the previous checkpoint is now {backup}", flush=True)
+    info: dict[str, Any] = {rule: ckpt.done[rule] for rule in args.rules if rule in ckpt.done}
     summary = None
     for rule in args.rules:
-        info[rule] = train_rule(init, rule, task, args, d, rec)
+        if rule in info:  # finished before the restart
+            continue
+        state = resume if resume is not None and resume["rule"] == rule else None
+        result = train_rule(init, rule, task, args, d, rec, ckpt, state)
+        if result.get("stopped"):
+            if d.main:
+                where = f"epoch {result['epoch']}" + (f" and {result['step']} steps" if result["step"] else "")
+                print(f"stopped in {rule} after {where}; {ckpt.path} holds the run: add --resume", flush=True)
+            return None
+        info[rule] = result
         if d.main:  # after every rule, so a long run leaves usable outputs if it stops early
-            plot(rec.rows, task, args, list(info), info[rule]["layers"], args.out / f"{task.name}.png")
-            summary = summarize(rec.rows, task, args, info, d)
-            (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            summary = _write_outputs(rec, task, args, info, d, rule)
         d.barrier()
-    if d.main:
-        print(format_table(summary))
-        print(f"wrote {args.out}/curves.csv, {task.name}.png, summary.json")
+    if not d.main:
+        return None
+    if summary is None:  # every rule had finished before this (resumed) run
+        summary = _write_outputs(rec, task, args, info, d)
+    print(format_table(summary))
+    print(f"wrote {args.out}/curves.csv, {task.name}.png, summary.json")
+    return summary
+
+
+def _write_outputs(
+    rec: Recorder, task: Task, args: argparse.Namespace, info: dict[str, Any], d: Dist, last: str | None = None
+) -> dict[str, Any]:
+    """curves.csv, the figure and summary.json for the rules in ``info``; returns the summary."""
+    rec.write()
+    layers = info[last or next(reversed(info))]["layers"]
+    plot(rec.rows, task, args, list(info), layers, args.out / f"{task.name}.png")
+    summary = summarize(rec.rows, task, args, info, d)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
 @contextlib.contextmanager
 def distributed(args: argparse.Namespace) -> Iterator[Dist]:
-    """Process group (under torchrun) and torch threads for the duration of a run."""
+    """Process group (under torchrun) and torch threads for the duration of a run.
+
+    A process group that already exists (a caller running several experiments in one
+    torchrun launch) is used and left in place; only one created here is destroyed."""
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    owned = not dist.is_initialized()
     d = setup_distributed(args.device)
     try:
         yield d
     finally:
-        cleanup_distributed()
+        if owned:
+            cleanup_distributed()
         torch.set_num_threads(threads)
 
 

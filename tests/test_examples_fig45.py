@@ -61,11 +61,19 @@ def _check_outputs(out: Path, name: str, rules: set[str], n_layers: int) -> list
 
 def test_cifar10_fig4_smoke(tmp_path):
     fig4 = _load("cifar10_fig4")
-    summary = fig4.main(["--smoke", "--no-progress", "--out", str(tmp_path)])
-    _check_outputs(tmp_path, "cifar10_fig4", {"bp", "pfa"}, n_layers=20)  # 19 convs + fc (option A)
+    summary = fig4.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--lr-rule", "pfa=0.05"])
+    rows = _check_outputs(tmp_path, "cifar10_fig4", {"bp", "pfa"}, n_layers=20)  # 19 convs + fc (option A)
     assert summary["data"] == {"source": "generated (smoke)", "n_train": 64, "n_test": 32}
     assert summary["config"]["explicit_r"] is False  # compact PFA by default
     assert summary["rules"]["bp"]["published_error_pct"] == 8.63
+    # --lr-rule: pfa trains at its own learning rate, bp at --lr
+    assert (summary["rules"]["pfa"]["lr"], summary["rules"]["bp"]["lr"]) == (0.05, 0.1)
+    lrs = {r["rule"]: float(r["value"]) for r in rows if r["metric"] == "lr" and r["epoch"] == "1"}
+    assert lrs == {"bp": 0.1, "pfa": 0.05}
+    # the per-epoch checkpoint holds the last rule, finished, and both rules' results
+    ck = fig4.common.read_checkpoint(tmp_path / "checkpoint.pt")
+    assert (ck["current"]["rule"], ck["current"]["epoch"], ck["current"]["finished"]) == ("pfa", 1, True)
+    assert list(ck["done"]) == ["bp", "pfa"]
 
 
 def test_cifar10_resnet20_is_the_standard_network():
