@@ -5,7 +5,18 @@ pass) into a feedback-aware op: identical forward, backward through the rule's f
 weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``.
 """
 
-from .convert import ConversionError, ConvertedModule, TraceError, convert, feedback_modules
+from .convert import (
+    ConvertedModule,
+    TraceError,
+    clip_grad_norm_,
+    conversion_config,
+    convert,
+    feedback_modules,
+    feedback_parameters,
+    model_parameters,
+    op_names,
+)
+from .errors import ConversionError
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
 from .report import ConversionReport, report
 from .rules import RULES, FeedbackNode, mirror, step_feedback
@@ -23,10 +34,15 @@ __all__ = [
     "alignment",
     "angle_and_norm_ratio",
     "backprop_mode",
+    "clip_grad_norm_",
+    "conversion_config",
     "convert",
     "feedback_modules",
+    "feedback_parameters",
     "gradient_alignment",
     "mirror",
+    "model_parameters",
+    "op_names",
     "report",
     "step_feedback",
 ]

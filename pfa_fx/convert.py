@@ -13,6 +13,7 @@ with a :class:`~pfa_fx.rules.FeedbackNode` holding the rule's state under the
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import inspect
 import math
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import intercept, ops
-from .rules import RULES, FeedbackNode, rule_class, seeded_generator
+from .errors import ConversionError, ConversionTypeError, did_you_mean
+from .rules import RULES, FeedbackNode, canonical_rule, rule_class, seeded_generator
 
 NAMESPACE = "pfa_feedback"
 
@@ -45,10 +47,6 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 RuleSpec = Union[str, tuple[str, Mapping[str, Any]], None]
-
-
-class ConversionError(ValueError):
-    """A model or option that ``convert`` cannot accept."""
 
 
 class TraceError(RuntimeError):
@@ -192,6 +190,12 @@ class ConvertedModule(fx.GraphModule):
         res.recompile()
         return res
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.load_state_dict``; a checkpoint saved from another conversion (rule,
+        options, or the seed of rules that keep drawing from it) is refused with a
+        :class:`ConversionError` naming both configurations."""
+        return _load_state_dict(self, super().load_state_dict, state_dict, *args, **kwargs)
+
     def __reduce__(self):
         raise TypeError(
             "a converted model is saved with its state_dict (torch.save(model.state_dict())) and "
@@ -228,30 +232,103 @@ def _keep_every_tensor(root: nn.Module, gm: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------ rule specs
+def _entry_matches(pattern: str | type, key: str, owner: nn.Module | None) -> bool:
+    """Whether a rule-mapping key (an fnmatch pattern or a module type) matches an op."""
+    if isinstance(pattern, type):
+        return owner is not None and isinstance(owner, pattern)
+    return fnmatch.fnmatchcase(key, pattern)
+
+
 def _resolve_spec(
     spec: str | Mapping[Any, RuleSpec], key: str, owner: nn.Module | None
 ) -> tuple[str, dict[str, Any]] | None:
     """The (rule, options) for the op named ``key``; None keeps the op native."""
     if isinstance(spec, str):
-        return spec, {}
+        return canonical_rule(spec), {}
     for pattern, value in spec.items():
-        if isinstance(pattern, type):
-            hit = owner is not None and isinstance(owner, pattern)
-        else:
-            hit = fnmatch.fnmatchcase(key, pattern)
-        if hit:
+        if _entry_matches(pattern, key, owner):
             if value is None:
                 return None
             if isinstance(value, str):
-                return value, {}
+                return canonical_rule(value), {}
             name, opts = value
-            return name, dict(opts)
+            return canonical_rule(name), dict(opts)
     return None
+
+
+def _entry_name(pattern: str | type) -> str:
+    return repr(pattern) if isinstance(pattern, str) else f"{pattern.__module__}.{pattern.__qualname__}"
+
+
+def _short_list(names: list[str], n: int = 6) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
+def _nearest_ops(pattern: str, ops: list[str]) -> list[str]:
+    """Patterns close to ``pattern`` that do match ops: a module name given where its ops
+    are meant (``"layer4"`` -> ``"layer4.*"``), or the nearest op names and ``"<module>.*"``
+    patterns by spelling (case ignored)."""
+    plain = not any(c in pattern for c in "*?[")
+    if plain and any(k.startswith(pattern + ".") for k in ops):
+        return [pattern + ".*"]
+    candidates = set(ops)
+    for k in ops:
+        parts = k.split(".")
+        candidates.update(".".join(parts[:i]) + ".*" for i in range(1, len(parts)))
+    by_lower = {c.lower(): c for c in sorted(candidates)}
+    if pattern.lower() in by_lower:  # only the case is wrong (op names are matched case-sensitively)
+        return [by_lower[pattern.lower()]]
+    close = difflib.get_close_matches(pattern.lower(), list(by_lower), n=3, cutoff=0.6)
+    return [by_lower[c] for c in close]
+
+
+def _mapping_problems(spec: Any, ops: Mapping[str, nn.Module | None]) -> list[str]:
+    """One line per rule-mapping entry that decides no op: it matches none (with the
+    nearest op names), or every op it matches is taken by an earlier entry."""
+    if not isinstance(spec, Mapping):
+        return []
+    entries = list(spec)
+    first: dict[str, int] = {}
+    matched: dict[int, list[str]] = {i: [] for i in range(len(entries))}
+    for key, owner in ops.items():
+        hits = [i for i, pattern in enumerate(entries) if _entry_matches(pattern, key, owner)]
+        for i in hits:
+            matched[i].append(key)
+        if hits:
+            first[key] = hits[0]
+    won = set(first.values())
+    problems = []
+    for i, pattern in enumerate(entries):
+        if i in won:
+            continue
+        name = _entry_name(pattern)
+        if matched[i]:
+            takers = ", ".join(sorted({_entry_name(entries[first[k]]) for k in matched[i]}))
+            problems.append(
+                f"rule mapping entry {name} decides no op: every op it matches ({_short_list(matched[i])}) is "
+                f"taken by the earlier entry {takers} (the first matching entry wins: put specific entries first)"
+            )
+            continue
+        if isinstance(pattern, type):
+            kinds = sorted({type(o).__qualname__ for o in ops.values() if o is not None})
+            hint = f"; the ops' modules here are {', '.join(kinds)}" if kinds else ""
+            problems.append(
+                f"rule mapping entry {name} matches no op: no op's module is a {pattern.__qualname__}{hint}"
+            )
+            continue
+        near = _nearest_ops(pattern, list(ops))
+        hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+        problems.append(
+            f"rule mapping entry {name} matches no op{hint} (op names here: {_short_list(list(ops))}; "
+            "pfa_fx.op_names(model) lists them all)"
+        )
+    return problems
 
 
 def _check_spec(spec: Any, options: Mapping[str, Any]) -> None:
     if isinstance(spec, str):
-        names = [spec]
+        names = [canonical_rule(spec)]
     elif isinstance(spec, Mapping):
         names = []
         for pattern, value in spec.items():
@@ -260,18 +337,16 @@ def _check_spec(spec: Any, options: Mapping[str, Any]) -> None:
             if value is None:
                 continue
             if isinstance(value, str):
-                names.append(value)
+                names.append(canonical_rule(value))
             elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
-                names.append(value[0])
-                _check_options(value[0], value[1], [value[0]])
+                names.append(canonical_rule(value[0]))
+                _check_options(names[-1], value[1], [names[-1]])
             else:
                 raise ConversionError(
                     f"rule for {pattern!r} must be a rule name, (name, options) or None; got {value!r}"
                 )
     else:
         raise ConversionError(f"rule must be a rule name or a mapping of patterns to rules, got {spec!r}")
-    for name in names:
-        rule_class(name)  # raises with the valid names
     _check_options(None, options, names)
 
 
@@ -281,7 +356,9 @@ def _check_options(owner: str | None, options: Mapping[str, Any], names: list[st
         if opt not in valid:
             which = f"rule {owner!r}" if owner else f"rule(s) {', '.join(sorted(set(names)))}"
             listed = ", ".join(sorted(valid)) or "none"
-            raise ConversionError(f"unknown option {opt!r} for {which}; valid options: {listed}")
+            raise ConversionError(
+                f"unknown option {opt!r} for {which}; valid options: {listed}{did_you_mean(opt, sorted(valid))}"
+            )
 
 
 def _make_node(
@@ -289,7 +366,9 @@ def _make_node(
 ) -> FeedbackNode:
     cls = rule_class(rule)
     accepted = {k: v for k, v in opts.items() if k in cls.options}
-    return cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, **accepted)
+    node = cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, **accepted)
+    node.seed = seed  # what the node's draws came from: saved with checkpoints, checked on load
+    return node
 
 
 # -------------------------------------------------------------------------- the pass
@@ -302,6 +381,7 @@ class _Rewriter:
         self.namespace = nn.Module()
         gm.add_module(NAMESPACE, self.namespace)
         self.made: dict[str, FeedbackNode | None] = {}
+        self.owners: dict[str, nn.Module | None] = {}  # every op the pass reached, with its module
         self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
         self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
 
@@ -324,6 +404,7 @@ class _Rewriter:
                     "their feedback has different output axes and cannot be shared"
                 )
             return node
+        self.owners[key] = owner
         resolved = _resolve_spec(self.spec, key, owner)
         node = None
         if resolved is not None:
@@ -705,10 +786,12 @@ def convert(
     Args:
         model: any ``nn.Module`` (torchvision, timm, or your own). It is not modified.
         rule: a rule name (``"bp"``, ``"fa"``, ``"dfa"``, ``"sf"``, ``"kp"``, ``"wm"``, ``"pal"``,
-            ``"pfa"``, ``"pfa-o"``),
+            ``"pfa"``, ``"pfa-o"``; any case),
             or a mapping from op-name patterns (``fnmatch``, e.g. ``"layer1.*"``) or
             module types to a rule name, ``(name, options)`` or ``None`` (op stays native).
-            The first matching entry wins; ops no entry matches stay native.
+            The first matching entry wins; ops no entry matches stay native. An entry that
+            decides no op (it matches none, or only ops an earlier entry takes) is warned
+            about, with the nearest op names; :func:`op_names` lists the names beforehand.
         seed: feedback state is drawn from a generator seeded by ``(seed, op name)``:
             reproducible and identical in every process without communication.
         fallback: where torch.fx cannot trace a submodule (data-dependent control flow),
@@ -717,7 +800,8 @@ def convert(
             model's own class with its forward run under interception. ``False`` raises
             :class:`TraceError` naming the module at fault instead.
         strict: raise :class:`ConversionError` if any Linear/Conv/attention weight would
-            stay on BP (other than ops the rule mapping keeps native on purpose).
+            stay on BP (other than ops the rule mapping keeps native on purpose), or if an
+            entry of the rule mapping decides no op.
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
             ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf),
             ``sigma``, ``mirror_lr``, ``decay`` (wm), ``sigma``, ``feedback_lr``, ``decay`` (pal).
@@ -726,7 +810,13 @@ def convert(
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
         the same parameter names, and feedback state under ``pfa_feedback.<op name>``;
         or, for a model whose forward cannot be traced at all (``fallback=True``), a copy
-        of the model itself whose forward intercepts its weight ops.
+        of the model itself whose forward intercepts its weight ops. Its ``state_dict``
+        records each op's rule, options and seed, and ``load_state_dict`` refuses a
+        checkpoint of another configuration with a :class:`ConversionError` naming both.
+
+    Raises:
+        ConversionError: (a ``ValueError``) for a rule, option, mapping or model that
+            cannot be converted, with the closest valid name where one was misspelt.
 
     Example::
 
@@ -735,6 +825,40 @@ def convert(
         >>> dict(pfa_fx.feedback_modules(model))["fc"].rule
         'pfa'
     """
+    _check_convertible(model)
+    _check_spec(rule, rule_options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConversionTypeError(f"seed must be an int, got {seed!r}")
+    converted, root, rewriter = _build(model, rule, rule_options, seed, fallback)
+    problems = _mapping_problems(rule, rewriter.owners)
+    if strict and problems:
+        raise ConversionError(
+            "strict=True: the rule mapping has entries that decide no op:\n  " + "\n  ".join(problems)
+        )
+    for problem in problems:
+        warnings.warn(f"pfa_fx: {problem}.", UserWarning, stacklevel=2)
+    _check_strict(root, converted, strict)
+    return converted
+
+
+def op_names(model: nn.Module, *, fallback: bool = True) -> list[str]:
+    """The op names :func:`convert` gives ``model``'s weight ops, in graph order, without
+    converting it: the names a rule mapping's patterns are matched against
+    (``"layer1.0.conv1"``, ``"fc"``, ``"blocks.0.attn.qkv"``; for
+    ``nn.MultiheadAttention``, ``"<module>.in_proj_weight"``).
+
+    The model is traced exactly as ``convert`` traces it (same fallback, so the same
+    names), but no feedback state is drawn. ``model`` is not modified.
+
+    >>> pfa_fx.op_names(torchvision.models.resnet18())[:3]  # doctest: +SKIP
+    ['conv1', 'layer1.0.conv1', 'layer1.0.conv2']
+    """
+    _check_convertible(model)
+    _, _, rewriter = _build(model, {}, {}, 0, fallback)  # an empty mapping: every op stays native
+    return list(rewriter.owners)
+
+
+def _check_convertible(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__qualname__}")
     if any(isinstance(m, FeedbackNode) for m in model.modules()):
@@ -744,12 +868,15 @@ def convert(
         )
     if isinstance(model, torch.jit.ScriptModule):
         raise ConversionError("TorchScript modules cannot be traced by torch.fx; convert the Python model")
-    _check_spec(rule, rule_options)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
     if any(name == NAMESPACE for name, _ in model.named_children()):
         raise ConversionError(f"the model already has a child named {NAMESPACE!r}, the feedback namespace")
 
+
+def _build(
+    model: nn.Module, rule: Any, rule_options: Mapping[str, Any], seed: int, fallback: bool
+) -> tuple[nn.Module, nn.Module, _Rewriter]:
+    """The conversion itself: ``(converted model, traced copy, rewriter)``. Warnings are
+    attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
     was_training = model.training
     root = copy.deepcopy(model)
     leaf_paths: dict[str, str] = {}
@@ -764,20 +891,22 @@ def convert(
     except TraceError as err:
         if not fallback:
             raise
+        # the trace error ends without a full stop (it quotes the exception): add one
         warnings.warn(
-            f"pfa_fx: {err} The whole forward runs eagerly instead, with every Linear/Conv/attention "
-            "weight op intercepted at run time (no GraphModule).",
-            stacklevel=2,
+            f"pfa_fx: {str(err).rstrip('. ')}. The whole forward runs eagerly instead, with every "
+            "Linear/Conv/attention weight op intercepted at run time (no GraphModule).",
+            stacklevel=3,
         )
         root.train(was_training)
-        return _convert_eagerly(root, rule, rule_options, seed, err.reason, strict)
+        converted, rewriter = _convert_eagerly(root, rule, rule_options, seed, err.reason)
+        return converted, root, rewriter
     root.train(was_training)
     for path, reason in leaf_paths.items():
         m = root.get_submodule(path)
         warnings.warn(
             f"pfa_fx: module '{path}' ({type(m).__qualname__}) cannot be traced by torch.fx ({reason}); "
             "it runs as one opaque call whose weight ops are intercepted at run time.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if _same_code(train_graph, eval_graph):
         eval_graph = train_graph
@@ -792,8 +921,8 @@ def convert(
     gm.pfa_kept_native = sorted(rewriter.kept_native)
     gm.pfa_skipped = dict(rewriter.skipped)
     _attach_rules(gm)
-    _check_strict(root, gm, strict)
-    return gm
+    _watch_checkpoints(gm)
+    return gm, root, rewriter
 
 
 def _attach_rules(model: nn.Module) -> None:
@@ -817,8 +946,8 @@ def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _convert_eagerly(
-    root: nn.Module, spec: Any, options: Mapping[str, Any], seed: int, reason: str, strict: bool
-) -> nn.Module:
+    root: nn.Module, spec: Any, options: Mapping[str, Any], seed: int, reason: str
+) -> tuple[nn.Module, _Rewriter]:
     """Fallback for a model whose own forward cannot be traced: keep its class, add the
     feedback namespace, and run its forward under weight-op interception."""
     rewriter = _Rewriter(root, root, spec, dict(options), seed)
@@ -831,9 +960,10 @@ def _convert_eagerly(
     root.pfa_kept_native = sorted(rewriter.kept_native)
     root.pfa_skipped = {}
     root.forward = types.MethodType(_eager_forward, root)
+    root.load_state_dict = types.MethodType(_eager_load_state_dict, root)
     _attach_rules(root)
-    _check_strict(root, root, strict)
-    return root
+    _watch_checkpoints(root)
+    return root, rewriter
 
 
 def _check_strict(root: nn.Module, converted: nn.Module, strict: bool) -> None:
@@ -856,8 +986,9 @@ def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
 def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
     """Yield ``(op name, node)`` for every converted weight op of ``model``.
 
-    ``node.rule`` is the rule name, ``node.weight`` the forward weight and
-    ``node.feedback_weight()`` the ``W_b`` the backward uses now.
+    ``node.rule`` is the rule name, ``node.config`` the options it was converted with,
+    ``node.weight`` the forward weight and ``node.feedback_weight()`` the ``W_b`` the
+    backward uses now.
     """
     marker = NAMESPACE + "."
     for name, m in model.named_modules():
@@ -866,4 +997,256 @@ def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
             yield (name[i + len(marker) :] if i >= 0 else name), m
 
 
-__all__ = ["RULES", "ConversionError", "ConvertedModule", "TraceError", "convert", "feedback_modules"]
+# ------------------------------------------------------------------ parameter groups
+def _feedback_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, FeedbackNode) for p in m.parameters(recurse=False)}
+
+
+def feedback_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable feedback state of a converted model (KP's ``B``, PFA's ``R`` or ``S``),
+    in ``model.parameters()`` order.
+
+    ``model.parameters()`` includes it, so weight-decay groups, ``clip_grad_norm_``,
+    parameter counts and EMA copies see it unless told apart: use this and
+    :func:`model_parameters`, which together partition ``model.parameters()`` exactly.
+
+    >>> opt = torch.optim.SGD(  # doctest: +SKIP
+    ...     [{"params": pfa_fx.model_parameters(model)}, {"params": pfa_fx.feedback_parameters(model)}],
+    ...     lr=0.1, momentum=0.9, weight_decay=1e-4)
+    """
+    ids = _feedback_ids(model)
+    return [p for p in model.parameters() if id(p) in ids]
+
+
+def model_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``model.parameters()`` without the feedback state: the model's own weights, biases
+    and normalisation parameters (the complement of :func:`feedback_parameters`)."""
+    ids = _feedback_ids(model)
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
+def clip_grad_norm_(
+    model: nn.Module,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a converted model: the clipping factor is
+    computed from the model's own gradients only (:func:`model_parameters`), as it would
+    be without conversion, and the feedback state's gradients are scaled by that same
+    factor. Returns the total norm of the model's own gradients.
+
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` instead counts the feedback
+    gradients in the norm, which changes W's factor and makes ``compact=True`` PFA differ
+    from explicit PFA (``S``'s gradient has another norm than ``R``'s). With one factor
+    from W's gradients alone, compact PFA stays equal to explicit PFA under SGD, and KP's
+    ``B`` keeps moving by W's step.
+    """
+    own = [p for p in model_parameters(model) if p.grad is not None]
+    total = torch.nn.utils.clip_grad_norm_(own, max_norm, norm_type, error_if_nonfinite, foreach)
+    # the factor torch's clip_grad_norm_ just applied, computed the same way
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    with torch.no_grad():
+        for p in feedback_parameters(model):
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
+    return total
+
+
+# ------------------------------------------------------------------------ checkpoints
+#: where a converted model's state_dict records its conversion (PyTorch's per-module metadata)
+CHECKPOINT_KEY = "pfa_fx"
+
+
+def _op_config(node: FeedbackNode) -> dict[str, Any]:
+    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed}
+
+
+def conversion_config(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{op name: {"rule", "options", "seed"}}`` of a converted model: what its checkpoints
+    record, and what ``load_state_dict`` compares them with."""
+    return {name: _op_config(node) for name, node in feedback_modules(model)}
+
+
+def _watch_checkpoints(model: nn.Module) -> None:
+    # The configuration travels in the state_dict's metadata (where PyTorch keeps module
+    # versions) rather than as extra state: state_dict values stay tensors plus the
+    # counters some rules already kept, so tensor-only tooling (safetensors, EMA helpers,
+    # elementwise comparisons) sees what it saw before.
+    model.register_state_dict_post_hook(_save_conversion)
+    model.register_load_state_dict_pre_hook(_check_checkpoint)
+
+
+def _load_state_dict(module: nn.Module, load: Any, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``load`` with the caller's ``strict`` visible to :func:`_check_checkpoint`: PyTorch
+    hands its hooks ``strict=True`` whatever the caller asked for."""
+    strict = kwargs.get("strict", args[0] if args else True)
+    before = module.__dict__.get("_pfa_load_strict")
+    module.__dict__["_pfa_load_strict"] = bool(strict)
+    try:
+        return load(state_dict, *args, **kwargs)
+    finally:
+        module.__dict__["_pfa_load_strict"] = before
+
+
+def _eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    # the class's own load_state_dict (the model's override, if it has one), not this instance's
+    load = types.MethodType(type(self).load_state_dict, self)
+    return _load_state_dict(self, load, state_dict, *args, **kwargs)
+
+
+def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
+    local_metadata[CHECKPOINT_KEY] = {"format": 1, "ops": conversion_config(module)}
+
+
+def _state_leaves(node: FeedbackNode) -> set[str]:
+    """The state_dict names of a node's own entries (``R``, ``B``, ``_extra_state``...)."""
+    leaves = {n for n, p in node._parameters.items() if p is not None}
+    leaves |= {n for n, b in node._buffers.items() if b is not None and n not in node._non_persistent_buffers_set}
+    if type(node).get_extra_state is not nn.Module.get_extra_state:
+        leaves.add("_extra_state")
+    return leaves
+
+
+def _same_config(theirs: Mapping[str, Any] | None, node: FeedbackNode | None) -> bool:
+    if theirs is None or node is None:
+        return theirs is None and node is None
+    if theirs.get("rule") != node.rule:
+        return False
+    options = theirs.get("options", {})
+    for k, v in node.config.items():
+        # options a checkpoint predates are not compared; PFA's route only chooses how the
+        # same numbers are computed, so a checkpoint may resume under another one
+        if k in options and k not in node.compute_only_options and options[k] != v:
+            return False
+    # rules that keep drawing from seeded streams after conversion continue another run
+    # under another seed; the others carry every draw in their saved tensors
+    return not (node.draws_from_seed and theirs.get("seed", node.seed) != node.seed)
+
+
+def _render(config: Mapping[str, Any] | None) -> str:
+    if config is None:
+        return "not converted (native, or no such op)"
+    opts = ", ".join(f"{k}={format_option(v)}" for k, v in config.get("options", {}).items())
+    return f"{config.get('rule')}({opts}), seed={config.get('seed')!r}"
+
+
+def format_option(value: Any) -> str:
+    """An option value for people: floats to 6 significant digits (``0.2``, not the
+    ``0.19999999999999996`` a resolved default may be), everything else as ``repr``."""
+    return repr(float(f"{value:.6g}")) if isinstance(value, float) and math.isfinite(value) else repr(value)
+
+
+def _by_config(configs: Mapping[str, Mapping[str, Any] | None], ops: list[str]) -> list[str]:
+    groups: dict[str, list[str]] = {}
+    for op in ops:
+        groups.setdefault(_render(configs.get(op)), []).append(op)
+    return [f"{desc} for {len(names)} op(s): {_short_list(names, 4)}" for desc, names in groups.items()]
+
+
+def _check_checkpoint(
+    module: nn.Module,
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    local_metadata: Mapping[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``load_state_dict`` pre-hook of a converted model: refuse a checkpoint saved from
+    another conversion (rule, options, or the seed of rules that keep drawing from it)
+    before PyTorch lists missing and unexpected keys. Under ``strict=False``, and where
+    the model is loaded as part of a larger module (whose ``strict`` PyTorch does not
+    pass on), only a checkpoint that would load feedback tensors into a differently
+    configured op is refused; unconverted checkpoints (pretrained weights) are never checked."""
+    strict = module.__dict__.get("_pfa_load_strict") is True
+    ns = f"{prefix}{NAMESPACE}."
+    incoming: dict[str, set[str]] = {}
+    for key in state_dict:
+        if key.startswith(ns):
+            op, _, leaf = key[len(ns) :].rpartition(".")
+            incoming.setdefault(op, set()).add(leaf)
+    saved = local_metadata.get(CHECKPOINT_KEY)
+    if saved is None and not incoming:
+        return
+    nodes = dict(feedback_modules(module))
+    own = {op: _state_leaves(node) for op, node in nodes.items()}
+    mine = conversion_config(module)
+    if saved is not None:
+        theirs = saved.get("ops", {})
+        differ = [op for op in dict.fromkeys([*theirs, *mine]) if not _same_config(theirs.get(op), nodes.get(op))]
+        if not strict:  # only what would load feedback tensors into a differently configured op
+            differ = [op for op in differ if op in theirs and op in own and incoming.get(op, set()) & own[op]]
+        if not differ:
+            return
+        lines = [
+            f"this checkpoint was saved from another conversion ({len(differ)} op(s) differ in rule, options or seed):",
+            "  checkpoint: " + "\n              ".join(_by_config(theirs, differ)),
+            "  this model: " + "\n              ".join(_by_config(mine, differ)),
+        ]
+        seeds_only = all(
+            op in theirs and op in mine and {**theirs[op], "seed": None} == {**mine[op], "seed": None} for op in differ
+        )
+        if seeds_only:
+            seeds = ", ".join(sorted({repr(theirs[op].get("seed")) for op in differ}))
+            lines.append(
+                "only the seed differs, but these ops keep drawing noise or projections from it after "
+                f"conversion (DFA, WM, PAL, brSF): the run continues only under the checkpoint's seed={seeds}"
+            )
+        hint = _convert_call(theirs)
+        lines.append(
+            "To resume the checkpoint, convert the model the way it was converted"
+            + (f", e.g. {hint}" if hint else "")
+            + f"; to take only the model's own weights from it, drop its '{NAMESPACE}.*' keys and load with "
+            "strict=False."
+        )
+        raise ConversionError("\n".join(lines))
+    if not strict:
+        return
+    differ = [op for op in dict.fromkeys([*incoming, *own]) if incoming.get(op, set()) != own.get(op, set())]
+    if differ:
+        lines = [
+            "this checkpoint's feedback state does not fit this conversion, and the checkpoint records no pfa_fx "
+            "configuration to compare (saved by an older pfa_fx, or its dict was rebuilt without _metadata):"
+        ]
+        for op in differ[:6]:
+            held = ", ".join(sorted(incoming.get(op, set()))) or "nothing"
+            here = f"{_render(mine.get(op))} holding {', '.join(sorted(own.get(op, set()))) or 'nothing'}"
+            lines.append(f"  {op}: checkpoint holds {held}; this model: {here}")
+        if len(differ) > 6:
+            lines.append(f"  … and {len(differ) - 6} more op(s)")
+        lines.append(
+            f"Convert with the checkpoint's rule and options, or drop its '{NAMESPACE}.*' keys and load with "
+            "strict=False to take only the model's own weights."
+        )
+        raise ConversionError("\n".join(lines))
+
+
+def _convert_call(theirs: Mapping[str, Mapping[str, Any]]) -> str:
+    """``pfa_fx.convert(model, 'pfa', expansion=10, ..., seed=0)`` when every op of the
+    checkpoint was converted alike (a mapping's conversion has no one-line call)."""
+    configs = {_render(cfg) for cfg in theirs.values()}
+    if len(configs) != 1:
+        return ""
+    cfg = next(iter(theirs.values()))
+    args = [f"{cfg.get('rule')!r}", *(f"{k}={v!r}" for k, v in cfg.get("options", {}).items())]
+    if cfg.get("seed") is not None:
+        args.append(f"seed={cfg['seed']!r}")
+    return f"pfa_fx.convert(model, {', '.join(args)})"
+
+
+__all__ = [
+    "RULES",
+    "ConversionError",
+    "ConvertedModule",
+    "TraceError",
+    "clip_grad_norm_",
+    "conversion_config",
+    "convert",
+    "feedback_modules",
+    "feedback_parameters",
+    "model_parameters",
+    "op_names",
+]

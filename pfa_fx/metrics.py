@@ -16,7 +16,9 @@ from .convert import feedback_modules
 
 
 def angle_and_norm_ratio(weight: Tensor, weight_b: Tensor) -> tuple[float, float]:
-    """Angle in degrees between two tensors seen as vectors, and ``|W_b| / |W|``."""
+    """Angle in degrees between two tensors seen as vectors, and ``|W_b| / |W|``.
+
+    The angle is ``nan`` where either tensor is zero (no direction to compare)."""
     a = weight.detach().double().flatten()
     b = weight_b.detach().double().flatten().to(a.device)
     na, nb = a.norm(), b.norm()
@@ -74,14 +76,27 @@ def gradient_alignment(model: nn.Module, closure: Callable[[], Tensor]) -> dict[
     the one BP would give on the same batch with the same weights.
 
     ``closure`` runs the forward and returns the loss (it is called twice; keep it
-    deterministic, e.g. call it in eval mode or reseed dropout). Parameter ``.grad``\\ s are
-    restored afterwards and plastic feedback state receives no gradient from the BP pass.
-    The last layer's angle is 0 by construction: its error is the loss gradient itself.
+    deterministic, e.g. put the model in eval mode inside it, or reseed dropout).
+    Afterwards every module's train/eval mode, every parameter ``.grad`` and per-batch
+    counters (brSF's draw index) are as they were, and plastic feedback state receives no
+    gradient from the BP pass. The last layer's angle is 0 by construction: its error is
+    the loss gradient itself.
+
+    An op's angle is ``nan`` where its weight gradient is zero under either rule, e.g.
+    the convolutions of residual branches whose last BatchNorm starts at zero (timm and
+    torchvision ResNets with ``zero_init_last``) at step 0: no error reaches them yet.
+    Leave such ops out of averages (``math.isnan``), as ``numpy.nanmean`` does.
+
+    >>> def closure():  # doctest: +SKIP
+    ...     model.eval()  # BatchNorm on running statistics: both passes see the same forward
+    ...     return F.cross_entropy(model(x), y)
+    >>> angles = pfa_fx.gradient_alignment(model, closure)  # model's mode is restored after
     """
     # a probe must not advance per-batch randomness (brSF's draw counter): training, and
     # every DDP rank, continue with the same stream whether or not it was measured
     nodes = [node for _, node in feedback_modules(model)]
     extra = [node.get_extra_state() if _has_extra_state(node) else None for node in nodes]
+    modes = [(m, m.training) for m in model.modules()]  # pre-order: parents before children
     try:
         rule = _weight_grads(model, closure)
         with backprop_mode(model):
@@ -90,7 +105,17 @@ def gradient_alignment(model: nn.Module, closure: Callable[[], Tensor]) -> dict[
         for node, state in zip(nodes, extra):
             if state is not None:
                 node.set_extra_state(state)
+        _restore_modes(modes)
     return {name: angle_and_norm_ratio(bp[name], rule[name])[0] for name in rule if name in bp}
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put each module back in its mode through ``train()`` (a converted model switches its
+    graph there), parents first, so that a child kept in another mode (a frozen BatchNorm
+    in eval) is set after its parent."""
+    for m, training in modes:
+        if m.training != training:
+            m.train(training)
 
 
 def _has_extra_state(module: nn.Module) -> bool:

@@ -1,12 +1,17 @@
-"""What a conversion did, op by op: which rule, reached how, and what was left alone."""
+"""What a conversion did, op by op: which rule with which options, reached how, what its
+feedback state costs, and what was left alone."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
-from .convert import NAMESPACE, feedback_modules
+from .convert import NAMESPACE, feedback_modules, format_option
+from .rules import FeedbackNode
+from .rules.base import xavier_std
 
 _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -27,6 +32,9 @@ class OpEntry:
     rule: str
     path: str  # "graph", "opaque module", "opaque function" or "eager"
     owner: str
+    options: dict[str, Any] = field(default_factory=dict)  # the node's actual options (node.config)
+    state_numel: int = 0  # numbers of feedback state this op holds
+    weight_numel: int = 0
 
 
 @dataclass
@@ -46,6 +54,18 @@ class ConversionReport:
     left_alone: list[LeftAlone] = field(default_factory=list)
     fallbacks: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what rules do at the model level
+    costs: list[str] = field(default_factory=list)  # what the chosen options (defaults included) cost
+    state_bytes: int = 0  # memory of the feedback state (its tensors' own dtypes)
+
+    @property
+    def state_numel(self) -> int:
+        """Numbers of feedback state in all converted ops."""
+        return sum(op.state_numel for op in self.ops)
+
+    @property
+    def weight_numel(self) -> int:
+        """Numbers in the weights of the converted ops."""
+        return sum(op.weight_numel for op in self.ops)
 
     def __str__(self) -> str:
         lines = [f"{len(self.ops)} weight ops converted"]
@@ -54,7 +74,19 @@ class ConversionReport:
             by_path[op.path] = by_path.get(op.path, 0) + 1
         lines[0] += " (" + ", ".join(f"{n} via {p}" for p, n in sorted(by_path.items())) + ")" if by_path else ""
         width = max((len(op.name) for op in self.ops), default=4)
-        lines += [f"  {op.name:<{width}}  {op.kind:<7} {op.rule:<6} {op.path}  [{op.owner}]" for op in self.ops]
+        for op in self.ops:
+            opts = " ".join(f"{k}={format_option(v)}" for k, v in op.options.items())
+            lines.append(
+                f"  {op.name:<{width}}  {op.kind:<7} {op.rule:<6} {op.path}  [{op.owner}]  "
+                f"{opts + '  ' if opts else ''}state {_count(op.state_numel)}"
+            )
+        if self.ops:
+            ratio = f" = {self.state_numel / self.weight_numel:.2f}x" if self.weight_numel else ""
+            lines.append(
+                f"feedback state: {_count(self.state_numel)} numbers ({self.state_bytes / 2**20:.1f} MiB){ratio} "
+                f"the {_count(self.weight_numel)} weights of the converted ops"
+            )
+        lines += self.costs
         lines += self.notes
         if self.kept_native:
             lines.append("kept on BP by the rule mapping: " + ", ".join(self.kept_native))
@@ -66,6 +98,56 @@ class ConversionReport:
             lines.append("parameters (>= 2-D) that are not weight-op weights:")
             lines += [f"  {p.name} {tuple(p.shape)}: {p.reason}" for p in self.left_alone]
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _state_bytes(node: FeedbackNode) -> int:
+    tensors = [*node._parameters.values(), *node._buffers.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _costs(nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
+    """What the chosen options cost, and the cheaper setting where one exists."""
+    lines = []
+    explicit = [n for _, n in nodes if n.rule in ("pfa", "pfa-o") and not n.compact]
+    if explicit:
+        held = sum(n.state_numel() for n in explicit)
+        weights = sum(math.prod(n.weight_shape) for n in explicit)
+        # compact keeps S (W-shaped) and G = B B^T (n_out^2 / groups) whatever the expansion
+        compact = sum(math.prod(n.weight_shape) + n.n_out**2 // n.groups for n in explicit)
+        lines.append(
+            f"cost: {len(explicit)} pfa op(s) with compact=False (the default) hold R (expansion x |W|) and "
+            f"B (expansion x n_out^2): {_count(held)} numbers for {_count(weights)} weights; compact=True would "
+            f"hold {_count(compact)} (S and G = B B^T) and train the same under torch.optim.SGD (not under "
+            "Adam/AdamW/RMSprop)"
+        )
+    if any(n.rule in ("pfa", "pfa-o") and n.compact for _, n in nodes):
+        lines.append(
+            "note: compact=True equals explicit PFA under SGD; clip gradients with "
+            "pfa_fx.clip_grad_norm_(model, max_norm), not torch.nn.utils.clip_grad_norm_(model.parameters(), ...), "
+            "whose norm counts S's gradient"
+        )
+    off = []
+    for name, node in nodes:
+        if getattr(node, "scale", None) != "xavier" or not node.has_feedback_weight or node.rule in ("bp", "dfa"):
+            continue
+        w = node.weight.double()
+        rms, target = float(w.square().mean().sqrt()), xavier_std(node.weight_shape)
+        if rms > 0 and not 0.5 <= rms / target <= 2:
+            off.append(name)
+    if off:
+        lines.append(
+            f"note: scale='xavier' (the default) draws feedback at Xavier scale, but the weights of {len(off)} "
+            f"op(s) ({', '.join(map(repr, off[:3]))}{', …' if len(off) > 3 else ''}) are more than 2x from it "
+            "(pretrained or small-init weights?): scale='weight' draws at each W's own RMS"
+        )
+    return lines
 
 
 def _why_left_alone(name: str, owner: nn.Module | None) -> str:
@@ -84,9 +166,11 @@ def _why_left_alone(name: str, owner: nn.Module | None) -> str:
 
 
 def report(model: nn.Module) -> ConversionReport:
-    """Describe a converted model: every converted op with its rule and how the pass
-    reached it, ops kept on BP, ops that could not be converted, fallbacks, and every
-    parameter of at least 2 dimensions left alone with the reason.
+    """Describe a converted model: every converted op with its rule, its options and the
+    feedback state it holds, and how the pass reached it; the total feedback state
+    against the converted weights, with what the chosen (or default) options cost and the
+    cheaper setting where there is one; ops kept on BP, ops that could not be converted,
+    fallbacks, and every parameter of at least 2 dimensions left alone with the reason.
 
     >>> print(pfa_fx.report(pfa_fx.convert(model, "pfa")))  # doctest: +SKIP
     """
@@ -97,7 +181,8 @@ def report(model: nn.Module) -> ConversionReport:
     )
     weights = set()
     by_class: dict[type, list] = {}
-    for name, node in feedback_modules(model):
+    nodes = list(feedback_modules(model))
+    for name, node in nodes:
         by_class.setdefault(type(node), []).append((name, node))
         rep.ops.append(
             OpEntry(
@@ -106,11 +191,16 @@ def report(model: nn.Module) -> ConversionReport:
                 node.rule,
                 getattr(node, "conversion_path", "graph"),
                 getattr(node, "op_owner", ""),
+                dict(node.config),
+                node.state_numel(),
+                math.prod(node.weight_shape),
             )
         )
+        rep.state_bytes += _state_bytes(node)
         weights.add(id(node._weight_ref[0]))
-    for cls, nodes in by_class.items():
-        rep.notes += cls.report_notes(model, nodes)
+    rep.costs = _costs(nodes)
+    for cls, nodes_of_class in by_class.items():
+        rep.notes += cls.report_notes(model, nodes_of_class)
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         if p.dim() < 2 or id(p) in weights or name.startswith(NAMESPACE + "."):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConversionError, did_you_mean
 from .base import FeedbackNode, seeded_generator, xavier_std
 from .bp import BPNode
 from .dfa import DFANode
@@ -18,12 +19,28 @@ RULES: dict[str, type[FeedbackNode]] = {
 }
 
 
+def canonical_rule(name: object) -> str:
+    """The registered spelling of a rule name: case and surrounding blanks do not matter
+    (``"PFA"`` is ``"pfa"``); anything else raises :class:`~pfa_fx.ConversionError` listing
+    the valid names, with the closest one."""
+    if isinstance(name, str) and name.strip().lower() in RULES:
+        return name.strip().lower()
+    raise ConversionError(f"unknown rule {name!r}; valid rules: {', '.join(RULES)}{did_you_mean(name, RULES)}")
+
+
 def rule_class(name: str) -> type[FeedbackNode]:
-    """The node class of a rule name, or a ValueError listing the valid names."""
-    try:
-        return RULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(RULES)}") from None
+    """The node class of a rule name (any case), or a :class:`~pfa_fx.ConversionError`
+    (a ``ValueError``) listing the valid names."""
+    return RULES[canonical_rule(name)]
 
 
-__all__ = ["RULES", "FeedbackNode", "mirror", "rule_class", "seeded_generator", "step_feedback", "xavier_std"]
+__all__ = [
+    "RULES",
+    "FeedbackNode",
+    "canonical_rule",
+    "mirror",
+    "rule_class",
+    "seeded_generator",
+    "step_feedback",
+    "xavier_std",
+]

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConversionError, did_you_mean
+
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded by ``(seed, name)``: same draws in every process, no communication."""
@@ -48,9 +50,12 @@ def feedback_std(weight: Tensor, scale: str | float, rule: str) -> float:
         if scale == "weight":
             rms = float(weight.detach().double().square().mean().sqrt())
             return rms if rms > 0 else xavier_std(weight.shape)
-        raise ValueError(f"{rule}: unknown scale {scale!r}; valid scales: {', '.join(SCALES)} or a positive number")
+        raise ConversionError(
+            f"{rule}: unknown scale {scale!r}; valid scales: {', '.join(SCALES)} or a positive number"
+            + did_you_mean(scale, SCALES)
+        )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{rule}: scale must be one of {', '.join(SCALES)} or a positive number, got {scale!r}")
+        raise ConversionError(f"{rule}: scale must be one of {', '.join(SCALES)} or a positive number, got {scale!r}")
     return float(scale)
 
 
@@ -60,11 +65,19 @@ class FeedbackNode(nn.Module):
     Attributes:
         rule: the rule's registered name (``"fa"``, ``"pfa"``, ...).
         groups: convolution groups; feedback never crosses a group.
+        options: the options the rule *accepts*, with the class's defaults (a class
+            attribute); :attr:`config` is what this node was built with.
+        seed: the ``seed`` of the conversion that drew this node's state (None when the
+            node was built outside :func:`pfa_fx.convert`).
+        op_name: the op's name in the converted model (``"layer1.0.conv1"``).
     """
 
     rule: ClassVar[str] = ""
-    #: options this rule accepts, with their defaults
+    #: options this rule accepts, with their defaults (this node's own values: :attr:`config`)
     options: ClassVar[dict[str, Any]] = {}
+    #: options that only choose how the same numbers are computed (PFA's ``route``): a
+    #: checkpoint may be loaded into a conversion where they differ
+    compute_only_options: ClassVar[frozenset[str]] = frozenset()
     #: whether W_b depends on trainable state (the op then returns grad_W for it)
     plastic: ClassVar[bool] = False
     #: whether the rule has a W-shaped ``W_b`` (DFA's feedback is a projection of the
@@ -92,6 +105,8 @@ class FeedbackNode(nn.Module):
         self.param_transposed = False
         self._last_weight: Tensor | None = None
         self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
+        self.seed: int | None = None  # set by convert, which seeds the draws with (seed, op name)
+        self.op_name = ""
 
     # -- what the op calls -------------------------------------------------------------
     def state(self) -> tuple[Tensor, ...]:
@@ -151,6 +166,27 @@ class FeedbackNode(nn.Module):
 
     # -- public inspection API ---------------------------------------------------------
     @property
+    def config(self) -> dict[str, Any]:
+        """This node's actual options, e.g. ``{"expansion": 2, "compact": True, ...}`` for a
+        node converted with ``expansion=2, compact=True`` (defaults resolved: WM's
+        ``mirror_lr=None`` shows as the rate it stands for). :attr:`options` holds the
+        class's defaults instead."""
+        return {k: getattr(self, k) for k in self.options}
+
+    @property
+    def draws_from_seed(self) -> bool:
+        """Whether the node keeps drawing random numbers after conversion from streams seeded
+        by ``(seed, op name)`` that ``state_dict`` does not hold (DFA's projections, WM's and
+        PAL's noise, brSF's magnitudes): a checkpoint then resumes the same run only under
+        the same ``seed``. Rules whose random draws all end up in saved tensors return False."""
+        return False
+
+    def state_numel(self) -> int:
+        """Numbers this node holds as feedback state (its own parameters and buffers)."""
+        tensors = [*self._parameters.values(), *self._buffers.values()]
+        return sum(t.numel() for t in tensors if t is not None)
+
+    @property
     def weight(self) -> Tensor:
         """The forward weight ``W`` (the last one the op used, e.g. after standardization)."""
         if self._last_weight is not None:
@@ -166,7 +202,7 @@ class FeedbackNode(nn.Module):
         return self.feedback_from(self.weight, self.inspect_state()).detach()
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         shape = "x".join(map(str, self.weight_shape))
         return f"rule={self.rule!r}, weight={shape}, groups={self.groups}" + (f", {opts}" if opts else "")
 

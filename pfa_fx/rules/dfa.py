@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConversionError
 from .base import FeedbackNode
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
@@ -153,17 +154,21 @@ class DFANode(FeedbackNode):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if isinstance(scale, str):
             if scale != "xavier":
-                raise ValueError(
+                raise ConversionError(
                     f"dfa: unknown scale {scale!r}; valid scales: xavier or a positive number "
                     "(DFA's projection of the output error has no W to take 'weight' scale from)"
                 )
         elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"dfa: scale must be xavier or a positive number, got {scale!r}")
+            raise ConversionError(f"dfa: scale must be xavier or a positive number, got {scale!r}")
         self.scale = scale
         # the projections' shapes are known only in the first backward: keep a seed
         self._draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self._cache: dict[tuple, Tensor] = {}
         self._output: OutputError | None = None
+
+    @property
+    def draws_from_seed(self) -> bool:
+        return True  # the projections are drawn in the backward from a seed, never saved
 
     # -- the projection ----------------------------------------------------------------
     def projection_std(self, d_out: int, d_in: int) -> float:
@@ -244,8 +249,6 @@ class DFANode(FeedbackNode):
     # -- model-level hooks -------------------------------------------------------------
     @classmethod
     def attach(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> None:
-        from ..convert import ConversionError  # the pass imports the rules
-
         banks = [name for name, node in nodes if getattr(node, "expert_bank", False)]
         if banks:
             raise ConversionError(

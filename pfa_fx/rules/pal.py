@@ -34,7 +34,7 @@ It costs one forward without grad plus one weight-gradient product per op. Under
 
 Defaults: ``sigma=0.1`` (small against unit-scale activity: first-order regime),
 ``decay=None`` → ``α = σ²`` (so ``E[f'] = 1`` gives ``W_b* = W``), ``feedback_lr=None`` →
-``0.005/α`` (0.5 % of the way to the fixed point per step). ``W_b`` starts as FA's draw.
+``0.002/α`` (0.2 % of the way to the fixed point per step, as WM's default). ``W_b`` starts as FA's draw.
 """
 
 from __future__ import annotations

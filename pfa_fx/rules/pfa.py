@@ -10,8 +10,11 @@ block-diagonal over groups, so feedback never crosses a group.
 ``W_b = G·S`` with ``grad_S = grad_W``. Every update to ``R`` lies in the range of ``B^T``,
 so under SGD-family optimizers (momentum, nesterov, dampening, L2 weight decay, any
 schedule) ``G·S`` equals ``B·R`` at every step, with ``|W| + n_out^2`` memory and no
-dependence on the expansion. Under Adam/RMSprop or global gradient clipping it is a
-different rule: use the explicit ``R`` there (DESIGN.md §3).
+dependence on the expansion. Under Adam/RMSprop it is a different rule: use the explicit
+``R`` there (DESIGN.md §3). So it is under ``torch.nn.utils.clip_grad_norm_(model.parameters())``,
+whose norm counts ``S``'s gradient (``R``'s has another norm); ``pfa_fx.clip_grad_norm_(model,
+max_norm)`` takes the factor from the model's own gradients and applies it to both, which
+keeps ``G·S`` equal to ``B·R``.
 
 Two exact routes compute the backward; ``route="auto"`` (default) picks per layer and
 shape the one with fewer multiply-adds beyond BP's own backward: ``"product"`` builds
@@ -27,7 +30,7 @@ fraction ``density`` of the layer's output units (independent Bernoulli(density)
 ``1/sqrt(density)`` so that ``E[B B^T] = I`` still. An output unit whose mask row came out
 empty (probability ``(1 - density)^n̄`` per unit) is connected to one error unit drawn at
 random, so that every unit sends its error somewhere and ``G = B B^T`` has no zero row.
-With ``compact=True`` a sparse ``G`` must be well conditioned; conversion refuses (``ValueError``)
+With ``compact=True`` a sparse ``G`` must be well conditioned; conversion refuses (``ConversionError``)
 when it is not and asks for a larger ``density`` or ``expansion``. ``density=1.0`` draws
 exactly what the dense rule always drew. :mod:`pfa_fx.theory` gives the path alignment:
 sparsity adds ``3(1/density - 1)/n̄`` to the effective ratio ``(n_out + 1)/n̄`` of the dense
@@ -49,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..errors import ConversionError, ConversionTypeError, did_you_mean
 from .base import FeedbackNode, feedback_std, xavier_std
 
 ROUTES = ("auto", "product", "population")
@@ -81,9 +85,10 @@ MAX_COMPACT_CONDITION = 1e8
 
 
 def check_density(density: Any, rule: str) -> float:
-    """``density`` as a float in ``(0, 1]``, or ``ValueError`` naming the valid range."""
+    """``density`` as a float in ``(0, 1]``, or :class:`~pfa_fx.ConversionError` (a ``ValueError``)
+    naming the valid range."""
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ValueError(
+        raise ConversionError(
             f"{rule}: density must be a number in (0, 1] (the fraction of output units each error unit "
             f"connects to), got {density!r}"
         )
@@ -127,6 +132,7 @@ class PFANode(FeedbackNode):
         "scale": "xavier",
         "density": 1.0,
     }
+    compute_only_options: ClassVar[frozenset[str]] = frozenset({"route"})  # both routes: the same gradients
     orthonormal = False
 
     def __init__(
@@ -144,18 +150,20 @@ class PFANode(FeedbackNode):
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
-            raise TypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
+            raise ConversionTypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
         if expansion <= 0 or (self.orthonormal and expansion < 1):
             need = ">= 1 (B needs orthonormal rows)" if self.orthonormal else "> 0"
-            raise ValueError(f"{self.rule}: expansion must be {need}, got {expansion}")
+            raise ConversionError(f"{self.rule}: expansion must be {need}, got {expansion}")
         self.expansion = expansion
         self.compact = bool(compact)
         if route not in ROUTES:
-            raise ValueError(f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
+            raise ConversionError(
+                f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}{did_you_mean(route, ROUTES)}"
+            )
         self.route = route
         self.density = check_density(density, self.rule)
         if self.orthonormal and self.density != 1.0:
-            raise ValueError(
+            raise ConversionError(
                 f"{self.rule}: density must be 1.0, got {density!r}: orthonormalizing the rows of a sparse B "
                 "fills it in again, so an orthonormal B cannot keep a chosen sparsity; use rule='pfa' for "
                 "sparse feedback"
@@ -212,7 +220,7 @@ class PFANode(FeedbackNode):
         cond = eig[:, -1] / eig[:, 0].clamp_min(torch.finfo(G.dtype).tiny)
         worst = int(cond.argmax())
         if float(cond[worst]) > MAX_COMPACT_CONDITION:
-            raise ValueError(
+            raise ConversionError(
                 f"{self.rule}: compact=True needs G = B B^T invertible, but with density={self.density} and "
                 f"expansion={self.expansion} ({nbar_g} error units for {G.shape[1]} output units per group) "
                 f"G has condition number {float(cond[worst]):.2g} (> {MAX_COMPACT_CONDITION:.0e}) in group "

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import ConversionError, did_you_mean
 from .base import FeedbackNode, feedback_std
 
 VARIANTS = ("usf", "frsf", "brsf")
@@ -33,7 +34,9 @@ class SFNode(FeedbackNode):
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         if variant not in VARIANTS:
-            raise ValueError(f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+            raise ConversionError(
+                f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}{did_you_mean(variant, VARIANTS)}"
+            )
         self.variant = variant
         self.scale = scale
         self.std = feedback_std(weight, scale, self.rule)
@@ -43,6 +46,10 @@ class SFNode(FeedbackNode):
             self.step = 0  # batches drawn so far; saved through get_extra_state
             self._base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             self._gen: torch.Generator | None = None
+
+    @property
+    def draws_from_seed(self) -> bool:
+        return self.variant == "brsf"  # magnitudes redrawn per batch from (seed, op name, step)
 
     def get_extra_state(self) -> dict:
         return {"step": getattr(self, "step", 0)}

@@ -25,10 +25,13 @@ Noise is drawn per op from a generator on the weight's device seeded by ``(seed,
 name, mirror step)``: independent between ops, identical on every DDP rank (so ``W_b``
 stays in sync without communication); the step count travels in ``state_dict``.
 
-Defaults: ``sigma=1``, ``decay=σ²`` (fixed point ``W``), ``mirror_lr = 0.005/decay``
-(``W_b`` relaxes 0.5 % of the way to its target per step), ``mirror_batch=64`` noise
-samples: the estimate's noise leaves ``W_b`` about ``sqrt(η λ n_in / 2N)`` of ``|W|`` off
-the fixed point (≈ 6° for ``n_in = 256``). ``W_b`` starts as FA's draw (``scale``).
+Defaults: ``sigma=1``, ``decay=σ²`` (fixed point ``W``), ``mirror_lr = 0.002/decay``
+(``W_b`` relaxes 0.2 % of the way to its target per step: a 500-step time constant, so run
+``pfa_fx.mirror(model, steps=2000)`` before training), ``mirror_batch=32`` noise samples.
+The estimate's noise leaves ``W_b`` about ``sqrt(mirror_lr·decay·fan_in / (2·mirror_batch))``
+of ``|W|`` off its fixed point: 5° for ``fan_in = 256``, ~20° for a 3×3×512 convolution;
+raise ``mirror_batch`` (cost ``2·mirror_batch·|W|`` multiply-adds per step) or lower
+``mirror_lr`` (slower tracking) where that matters. ``W_b`` starts as FA's draw (``scale``).
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..errors import ConversionError
 from .base import FeedbackNode, feedback_std
 
-#: default relaxation per step, ``learning rate × decay``
-RATE = 0.005
+#: default relaxation per step, ``learning rate × decay``: a time constant of 500 steps
+RATE = 0.002
 
 _mirroring: weakref.WeakSet = weakref.WeakSet()  # WM nodes that ran a training forward
 _hook_handle = None
@@ -73,7 +77,7 @@ def _seed(*parts: int) -> int:
 
 def _positive(rule: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{rule}: {name} must be a positive number, got {value!r}")
+        raise ConversionError(f"{rule}: {name} must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -84,7 +88,7 @@ class WMNode(FeedbackNode):
         "sigma": 1.0,
         "mirror_lr": None,
         "decay": None,
-        "mirror_batch": 64,
+        "mirror_batch": 32,
     }
     #: whether :func:`mirror` runs mirror steps on this op (PAL learns in its noisy pass)
     mirrors_after_step: ClassVar[bool] = True
@@ -100,7 +104,7 @@ class WMNode(FeedbackNode):
         sigma: float = 1.0,
         mirror_lr: float | None = None,
         decay: float | None = None,
-        mirror_batch: int = 64,
+        mirror_batch: int = 32,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         self.scale = scale
@@ -108,7 +112,7 @@ class WMNode(FeedbackNode):
         self.decay = self.sigma**2 if decay is None else _positive(self.rule, "decay", decay)
         self.mirror_lr = RATE / self.decay if mirror_lr is None else _positive(self.rule, "mirror_lr", mirror_lr)
         if isinstance(mirror_batch, bool) or not isinstance(mirror_batch, int) or mirror_batch < 1:
-            raise ValueError(f"{self.rule}: mirror_batch must be an int >= 1, got {mirror_batch!r}")
+            raise ConversionError(f"{self.rule}: mirror_batch must be an int >= 1, got {mirror_batch!r}")
         self.mirror_batch = mirror_batch
         std = feedback_std(weight, scale, self.rule)
         self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
@@ -128,6 +132,10 @@ class WMNode(FeedbackNode):
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         return state[0]
+
+    @property
+    def draws_from_seed(self) -> bool:
+        return True  # noise drawn from (seed, op name, step); only the step count is saved
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps}
@@ -150,39 +158,33 @@ class WMNode(FeedbackNode):
         B = self.B
         B.mul_(1.0 - self.mirror_lr * self.decay).add_((kgrad / count).to(B.dtype), alpha=self.mirror_lr)
 
-    def _mirror_family(self, weight: Tensor):
-        from ..ops import ConvFamily, LinearFamily  # the ops import the rules
-
-        n = weight.dim() - 2
-        if n <= 0:
-            return LinearFamily, (weight.shape[1],)
-        family = ConvFamily([1] * n, [0] * n, [1] * n, self.groups, None, self.transposed, [0] * n)
-        if self.transposed:
-            return family, (weight.shape[0], *([1] * n))
-        return family, (weight.shape[1] * self.groups, *weight.shape[2:])
+    def _as_maps(self, weight: Tensor) -> Tensor:
+        """W as one matrix per group, ``(g, fan_in, fan_out)``, from a receptive field of
+        input to the outputs it reaches: ``(C_in/g·k, out/g)`` for a convolution (one output
+        position), ``(in/g, out/g·k)`` for a transposed one (one input pixel), ``(in, out)``
+        for a linear op."""
+        g = self.groups
+        if self.transposed:  # (in, out/g, *k): input channel i reaches out/g·k outputs
+            return weight.reshape(g, weight.shape[0] // g, -1)
+        return weight.reshape(g, weight.shape[0] // g, -1).transpose(1, 2)
 
     @torch.no_grad()
     def mirror_step(self) -> None:
         """One mirror step (module docstring); draws fresh noise."""
         weight = self.weight
-        family, sample = self._mirror_family(weight)
-        xi = self.noise((self.mirror_batch, *sample), self.steps, weight)
+        maps = self._as_maps(weight)  # (g, fan_in, fan_out)
+        g, fan_in, _ = maps.shape
+        xi = self.noise((g, self.mirror_batch, fan_in), self.steps, weight)
         self.steps += 1
-        # y = L_W(ξ) with the op's own call (one output position; no bias)
-        if weight.dim() == 2:
-            y = xi.mm(weight.t())
-        else:
-            y = self._conv(xi, weight)
-        kgrad = family.fused(y, xi, weight, False, True, False)[1]
-        self.relax(kgrad, self.mirror_batch)
-
-    def _conv(self, xi: Tensor, weight: Tensor) -> Tensor:
-        n = weight.dim() - 2
+        # y = L_W(ξ) on one receptive field per sample (no bias), KGrad = ξᵀ y: the op's own
+        # convolution and weight gradient at that input size, as batched matrix products
+        y = torch.bmm(xi, maps)
+        kgrad = torch.bmm(xi.transpose(1, 2), y)  # (g, fan_in, fan_out), W's layout as maps
         if self.transposed:
-            conv_t = (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)[n - 1]
-            return conv_t(xi, weight, None, 1, 0, 0, self.groups)
-        conv = (torch.conv1d, torch.conv2d, torch.conv3d)[n - 1]
-        return conv(xi, weight, None, 1, 0, 1, self.groups)
+            kgrad = kgrad.reshape(weight.shape)
+        else:
+            kgrad = kgrad.transpose(1, 2).reshape(weight.shape)
+        self.relax(kgrad, self.mirror_batch)
 
     def fixed_point(self) -> Tensor:
         """Where mirror steps take ``W_b`` for the current W: ``(σ²/λ)·W``."""

@@ -1,0 +1,34 @@
+"""The errors ``convert`` raises for what it cannot accept, in a module of their own so that
+the rules (which ``convert`` imports) can raise them too."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConversionError(ValueError):
+    """A model, rule, option or checkpoint that a conversion cannot accept.
+
+    A subclass of ``ValueError``: ``except ValueError`` keeps catching what it caught
+    before rules and options raised this class."""
+
+
+class ConversionTypeError(ConversionError, TypeError):
+    """An option of the wrong type (``expansion="10"``, ``seed=1.5``): caught by
+    ``except ConversionError`` and, as before, by ``except TypeError``."""
+
+
+def did_you_mean(word: object, choices: Iterable[str], n: int = 1) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""``."""
+    if not isinstance(word, str):
+        return ""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(lowered[c]) for c in close) + "?"
+
+
+__all__ = ["ConversionError", "ConversionTypeError", "did_you_mean"]
