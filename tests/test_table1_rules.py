@@ -187,40 +187,55 @@ def test_dfa_rejects_the_weight_scale_and_bad_numbers():
 
 
 # ------------------------------------------------------------------------ weight mirror
-def _mirror_expected(node, noise, weight):
-    """ΔW_b = η (KGrad(ξ, L_W ξ)/N − λ W_b), KGrad as patches ⊗ responses, per group."""
-    n = noise.shape[0]
-    g = node.groups
-    patches = noise.reshape(n, g, -1)  # (N, g, C_in/g · k)
-    w = weight.reshape(g, weight.shape[0] // g, -1)  # (g, out/g, C_in/g · k)
-    y = torch.einsum("ngi,goi->ngo", patches, w)
-    kgrad = torch.einsum("ngo,ngi->goi", y, patches).reshape(weight.shape)
+def _mirror_expected(node, layer, xi):
+    """ΔW_b = η (KGrad(ξ, L_W ξ)/N − λ W_b): ξ as the op's input at one receptive field
+    (``xi`` is drawn per group), L_W the layer's own call, KGrad by autograd."""
+    g, n, _ = xi.shape
+    w = layer.weight.detach().clone().requires_grad_()
+    if isinstance(layer, nn.Linear):
+        inp = xi[0]
+        y = F.linear(inp, w)
+    elif isinstance(layer, nn.ConvTranspose2d):
+        inp = xi.permute(1, 0, 2).reshape(n, -1, 1, 1)  # one input pixel per sample
+        y = F.conv_transpose2d(inp, w, groups=g)
+    else:  # one output position per sample: the input is one receptive field
+        d = w.dim() - 2
+        inp = xi.permute(1, 0, 2).reshape(n, w.shape[1] * g, *w.shape[2:])
+        y = (F.conv1d if d == 1 else F.conv2d)(inp, w, groups=g)
+    (kgrad,) = torch.autograd.grad((y * y.detach()).sum(), w)  # d<L_W ξ, y>/dW = KGrad(ξ, y)
     return node.B + node.mirror_lr * (kgrad / n - node.decay * node.B)
 
 
 @pytest.mark.parametrize(
     "layer",
-    [nn.Linear(7, 5), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.Conv1d(3, 4, 5, dilation=2)],
-    ids=["linear", "grouped-strided-conv2d", "dilated-conv1d"],
+    [
+        nn.Linear(7, 5),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.Conv1d(3, 4, 5, dilation=2),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2),
+    ],
+    ids=["linear", "grouped-strided-conv2d", "dilated-conv1d", "grouped-conv-transpose2d"],
 )
 def test_one_mirror_step_equals_the_weight_mirror_update_with_the_drawn_noise(layer):
-    gm = pfa_fx.convert(nn.Sequential(layer).double(), "wm", mirror_batch=5, sigma=0.7, decay=0.3, mirror_lr=0.2)
+    layer = layer.double()
+    gm = pfa_fx.convert(nn.Sequential(layer), "wm", mirror_batch=5, sigma=0.7, decay=0.3, mirror_lr=0.2)
     node = _nodes(gm)["0"]
-    weight = layer.weight.detach().double()
-    shape = (5, weight.shape[1] * node.groups, *weight.shape[2:])
-    noise = node.noise(shape, 0, weight)
-    assert noise.std().item() == pytest.approx(0.7, rel=0.5)
-    expected = _mirror_expected(node, noise, weight)
+    weight = layer.weight.detach()
+    g = node.groups
+    fan_in = weight.shape[0] // g if node.transposed else weight[0].numel()
+    xi = node.noise((g, 5, fan_in), 0, weight)
+    assert xi.std().item() == pytest.approx(0.7, rel=0.5)
+    expected = _mirror_expected(node, layer, xi)
     assert pfa_fx.mirror(gm, steps=1) == 1
     torch.testing.assert_close(node.B, expected, rtol=1e-12, atol=1e-14)
     assert node.steps == 1
     # the next step draws other noise
-    assert not torch.equal(node.noise(shape, 1, weight), noise)
+    assert not torch.equal(node.noise((g, 5, fan_in), 1, weight), xi)
 
 
 def test_weight_mirror_converges_to_its_fixed_point():
     torch.manual_seed(5)
-    gm = pfa_fx.convert(nn.Sequential(nn.Linear(32, 24)), "wm", mirror_batch=256)
+    gm = pfa_fx.convert(nn.Sequential(nn.Linear(32, 24)), "wm", mirror_batch=256, mirror_lr=0.005)
     node = _nodes(gm)["0"]
     before, _ = _angle(node.weight, node.feedback_weight())
     assert before > 60
@@ -228,7 +243,7 @@ def test_weight_mirror_converges_to_its_fixed_point():
     angle, ratio = _angle(node.fixed_point(), node.feedback_weight())
     assert angle < 2.0 and ratio == pytest.approx(1.0, abs=0.1)
     # decay != σ²: the fixed point is (σ²/λ) W
-    gm = pfa_fx.convert(nn.Sequential(nn.Linear(32, 24)), "wm", mirror_batch=256, sigma=0.5, decay=0.5)
+    gm = pfa_fx.convert(nn.Sequential(nn.Linear(32, 24)), "wm", mirror_batch=256, sigma=0.5, decay=0.5, mirror_lr=0.01)
     node = _nodes(gm)["0"]
     pfa_fx.mirror(gm, steps=1500)
     angle, ratio = _angle(node.weight, node.feedback_weight())
@@ -315,7 +330,7 @@ def test_pal_update_equals_its_documented_per_step_form():
 def test_pal_converges_to_the_gain_weighted_fixed_point():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
-    gm = pfa_fx.convert(model, "pal")
+    gm = pfa_fx.convert(model, "pal", feedback_lr=0.5)  # 0.5 % per step: converges in 1,500 steps
     for p in gm.parameters():
         p.requires_grad_(True)
     x = torch.randn(256, 16)
