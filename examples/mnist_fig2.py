@@ -396,11 +396,32 @@ def record(
     for name, (angle, ratio) in pfa_fx.alignment(gm).items():
         rows.append((seed, rule, epoch, "angle_deg", str(layers[name]), angle))
         rows.append((seed, rule, epoch, "norm_ratio", str(layers[name]), ratio))
+    if probe is not None and rule == "pal":
+        # PAL's documented fixed point is gain ⊙ W, each row weighted by the unit's mean
+        # downstream gain (ReLU: how often it is active; 1 for the output layer)
+        for name, angle in pal_fixed_point_angles(gm, probe[0]).items():
+            rows.append((seed, rule, epoch, "fixed_point_angle_deg", str(layers[name]), angle))
     if probe is not None:
         gm.eval()  # deterministic closure; no PAL noisy pass
         angles = pfa_fx.gradient_alignment(gm, lambda: F.cross_entropy(gm(probe[0]), probe[1]))
         for name, angle in angles.items():
             rows.append((seed, rule, epoch, "grad_angle_deg", str(layers[name]), angle))
+
+
+@torch.no_grad()
+def pal_fixed_point_angles(gm: nn.Module, x: Tensor) -> dict[str, float]:
+    """Angle between each PAL op's ``W_b`` and its fixed point ``gain ⊙ W`` on the batch ``x``."""
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    names = sorted(nodes, key=int)
+    angles, h = {}, x
+    for i, name in enumerate(names):
+        node = nodes[name]
+        a = F.linear(h, gm.get_parameter(f"{name}.weight"), gm.get_parameter(f"{name}.bias"))
+        last = i == len(names) - 1
+        gain = torch.ones(a.shape[1]) if last else (a > 0).float().mean(0)
+        angles[name] = pfa_fx.angle_and_norm_ratio(node.fixed_point(gain), node.feedback_weight())[0]
+        h = a.relu()
+    return angles
 
 
 def train_rule(mlp: nn.Sequential, rule: str, seed: int, data: Data, args: argparse.Namespace, bar: tqdm) -> list[Row]:
@@ -579,6 +600,7 @@ def summarize(rows: list[Row], args: argparse.Namespace, data: Data, seconds: di
             "angle_deg": {layer: _stats(pick("angle_deg", layer)) for layer in ("1", "2", "3")},
             "norm_ratio": {layer: _stats(pick("norm_ratio", layer)) for layer in ("1", "2", "3")},
             "grad_angle_deg": {layer: _stats(pick("grad_angle_deg", layer)) for layer in ("1", "2", "3")},
+            "fixed_point_angle_deg": {layer: _stats(pick("fixed_point_angle_deg", layer)) for layer in ("1", "2", "3")},
             "lr": common.rule_lr(rule, args),
             "seconds": seconds[rule],
         }

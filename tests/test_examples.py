@@ -61,9 +61,10 @@ def test_mnist_fig2_smoke_writes_csv_png_and_summary(tmp_path):
         assert {r["epoch"] for r in mine} == {"0", "1", "2"}
         keys = {(r["metric"], r["layer"]) for r in mine}
         # DFA-like rules have no W-shaped feedback: pfa_fx.alignment leaves their ops out
-        assert scalars | updates <= keys <= scalars | per_layer | updates, rule
+        extra = {("fixed_point_angle_deg", layer) for layer in ("1", "2", "3")} if rule == "pal" else set()
+        assert scalars | updates | extra <= keys <= scalars | per_layer | updates | extra, rule
         if rule in ORIGINAL:
-            assert keys == scalars | per_layer | updates, rule
+            assert keys == scalars | per_layer | updates | extra, rule
     values = {(r["rule"], r["epoch"], r["metric"], r["layer"]): float(r["value"]) for r in rows}
     assert values[("bp", "2", "angle_deg", "2")] == pytest.approx(0.0, abs=1e-3)  # W_b = W
     assert values[("fa", "0", "angle_deg", "2")] > 60  # random feedback starts far from W
