@@ -386,3 +386,43 @@ def test_pal_and_wm_nodes_are_weight_mirror_nodes_with_their_own_schedule():
     B = _nodes(gm)["0"].B.clone()
     assert pfa_fx.mirror(gm, steps=2) == 0  # PAL learns only in its noisy pass
     assert pfa_fx.step_feedback(gm) == 1 and torch.equal(_nodes(gm)["0"].B, B)  # nothing pending
+
+
+# ------------------------------------------------------------------------- all three
+@pytest.mark.parametrize("rule", ["dfa", "wm", "pal"])
+def test_a_reloaded_checkpoint_trains_on_exactly_like_the_original(rule):
+    torch.manual_seed(8)
+    model = _ConvNet()
+    gm = pfa_fx.convert(model, rule, seed=3)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(4, 2, 6, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        gm(x).square().mean().backward()
+        opt.step()  # WM mirrors, PAL applies its update
+    fresh = pfa_fx.convert(model, rule, seed=3)
+    fresh.load_state_dict(gm.state_dict())
+    for a, b in zip(gm.state_dict().values(), fresh.state_dict().values()):
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b)
+    # the next step (fresh noise, the same projections) gives the same gradients and state
+    x2 = torch.randn(4, 2, 6, 6)
+    grads = []
+    for m in (gm, fresh):
+        m.zero_grad()
+        m(x2).square().mean().backward()
+        pfa_fx.step_feedback(m)
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+    for (k, a), b in zip(gm.state_dict().items(), fresh.state_dict().values()):
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("rule", ["dfa", "wm", "pal"])
+def test_to_float64_moves_the_rule_state_and_keeps_training(rule):
+    gm = pfa_fx.convert(_ConvNet(), rule).to(torch.float64)
+    x = torch.randn(2, 2, 6, 6, dtype=DT, requires_grad=True)
+    gm(x).sum().backward()
+    pfa_fx.step_feedback(gm)
+    assert x.grad.dtype == DT and torch.isfinite(x.grad).all()
+    assert all(t.dtype == DT for t in gm.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point())
