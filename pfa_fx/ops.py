@@ -16,10 +16,18 @@ state       –                the rule's local update from ``grad W``
 The op saves what BP saves (``x`` and the weight) plus references to the rule's state;
 ``W_b`` is built in the backward by the node. Where no gradient is wanted
 (``torch.no_grad``, frozen inputs) the ops call the native function directly.
+
+The Python work per call is kept to what the op needs (``benchmarks/op_overhead.py``
+measures it): the Functions are ``forward(ctx, ...)`` ones, which autograd calls without
+binding their arguments through ``inspect.signature`` (their ``setup_context`` twins serve
+``torch.func`` transforms, which need that form); a convolution's stride/padding/dilation
+are resolved once per node and argument set, not per call; autocast's casts and context
+run only while autocast is on.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -34,6 +42,13 @@ from .rules.base import FeedbackNode
 _LINEAR = torch._C._nn.linear
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _CONV_T = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+_CL = torch.channels_last
+# one C call each (torch.compile folds them to constants)
+_grad_on = torch.is_grad_enabled
+_autocast_on = torch._C._is_any_autocast_enabled
+_transforms_on = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
 
 
 class Need(NamedTuple):
@@ -45,38 +60,52 @@ class Need(NamedTuple):
     state: bool
 
 
-def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+# the 16 of them, built once: (need_x, need_w, need_b, need_state) -> Need
+_NEEDS = {k: Need(*k) for k in itertools.product((False, True), repeat=4)}
+
+
+def _autocast_inputs(*args):
     """Cast like autocast casts a native linear/conv's inputs (feedback state included, like
-    W); the op then runs with autocast off, so its backward sees one dtype."""
-    first = tensors[0]
-    assert first is not None
-    dev = first.device.type
+    W; arguments that are not tensors pass as they are); the op then runs with autocast off,
+    so its backward sees one dtype."""
+    dev = args[0].device.type
     if not torch.is_autocast_enabled(dev):
-        return tensors
+        return args
     dtype = torch.get_autocast_dtype(dev)
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in args
     )
 
 
-def _wants_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _apply_slow(fns: tuple[type, type], x: Tensor, *args) -> Tensor:
+    """``fn.apply(x, *args)`` where autocast or a ``torch.func`` transform is on: the
+    setup_context twin under transforms; under autocast with the inputs and state cast as a
+    native op's are, and autocast off inside (args: tensors, then ``node`` and other
+    non-tensors, then the state tensors). The ops call ``fns[0].apply`` directly otherwise."""
+    fn = fns[1] if _transforms_on() else fns[0]
+    if not _autocast_on():
+        return fn.apply(x, *args)
+    cast = _autocast_inputs(x, *args)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(*cast)
+
+
+def _state_wants_grad(bias: Tensor | None, node: FeedbackNode) -> bool:
+    """Whether the bias or any of the node's own parameters (KP's ``B``, PFA's ``R``/``S``)
+    requires grad: what the ops ask only when neither the input nor the weight does."""
+    return (bias is not None and bias.requires_grad) or any(p.requires_grad for p in node.parameters())
+
+
+def _wants_grad(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode) -> bool:
+    """Grad mode on and the input, the weight, the bias or the node's parameters requiring grad."""
+    return _grad_on() and (x.requires_grad or weight.requires_grad or _state_wants_grad(bias, node))
 
 
 def _match_layout(kernel: Tensor, like: Tensor) -> Tensor:
     # Same memory format as the input keeps the backward on the kernel BP would pick.
-    if kernel.dim() == 4 and like.dim() == 4:
-        cl = torch.channels_last
-        if like.is_contiguous(memory_format=cl) and not like.is_contiguous():
-            return kernel.contiguous(memory_format=cl)
+    if kernel.dim() == 4 and like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=_CL):
+        return kernel.contiguous(memory_format=_CL)
     return kernel
-
-
-def _not_a_view(out: Tensor) -> Tensor:
-    # linear on N-D input returns a view of its 2-D result; a custom Function's view
-    # output could not be modified in place (e.g. by ReLU(inplace=True)) afterwards.
-    # _unsafe_view is what matmul itself uses for the same reason.
-    return torch.ops.aten._unsafe_view(out, out.shape) if out.dim() > 2 else out
 
 
 # ----------------------------------------------------------------------------- linear
@@ -93,9 +122,11 @@ class LinearFamily:
         gx = e.matmul(kernel) if need_x else None
         gw = gb = None
         if need_w or need_b:
-            e2 = e.reshape(-1, e.shape[-1])
-            gw = e2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-            gb = e2.sum(0) if need_b else None
+            e2 = e if e.dim() == 2 else e.reshape(-1, e.shape[-1])
+            if need_w:
+                gw = e2.t().mm(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            if need_b:
+                gb = e2.sum(0)
         return gx, gw, gb
 
     @staticmethod
@@ -105,51 +136,88 @@ class LinearFamily:
 
 
 class _FeedbackLinear(torch.autograd.Function):
+    # forward(ctx, ...): autograd calls it without binding the arguments through
+    # inspect.signature, which it does on every call of a setup_context Function
     @staticmethod
-    def forward(x, weight, bias, node, *state):
-        return _not_a_view(_LINEAR(x, weight, bias))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, node, *state = inputs
+    def forward(ctx, x, weight, bias, node, *state):
         ctx.save_for_backward(x, weight, *state)
         ctx.node = node
-        ctx.has_bias = bias is not None
+        out = _LINEAR(x, weight, bias)
+        # linear on N-D input returns a view of its 2-D result; a custom Function's view
+        # output could not be modified in place (e.g. by ReLU(inplace=True)) afterwards.
+        # detach() makes it a tensor of its own for autograd (the 2-D result is referenced
+        # nowhere else), at a tenth of the cost of aten._unsafe_view's dispatch
+        return out.detach() if out.dim() > 2 else out
 
     @staticmethod
     def backward(ctx, e: Tensor):
         x, weight, *state = ctx.saved_tensors
-        nx, nw, nb, _, *ns = ctx.needs_input_grad
-        need = Need(nx, nw, nb and ctx.has_bias, any(ns))
+        nx, nw, nb, _, *ns = ctx.needs_input_grad  # nb: a bias was given and wants its gradient
+        need = _NEEDS[nx, nw, nb, any(ns)]
         gx, gw, gb, gs = ctx.node.run_backward(LinearFamily, e, x, weight, tuple(state), need)
         return gx, gw if nw else None, gb, None, *gs
 
 
+class _FeedbackLinearFunc(_FeedbackLinear):
+    """The same op with ``setup_context``, the form ``torch.func`` transforms accept."""
+
+    @staticmethod
+    def forward(x, weight, bias, node, *state):  # type: ignore[override]
+        out = _LINEAR(x, weight, bias)
+        return out.detach() if out.dim() > 2 else out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _, node, *state = inputs
+        ctx.save_for_backward(x, weight, *state)
+        ctx.node = node
+
+
+_LINEAR_FNS = (_FeedbackLinear, _FeedbackLinearFunc)
+
+
 def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode) -> Tensor:
     """``F.linear(x, weight, bias)`` whose backward uses ``node``'s feedback weight."""
-    if not _wants_grad(x, weight, bias, *node.parameters()):
+    if not (_grad_on() and (x.requires_grad or weight.requires_grad or _state_wants_grad(bias, node))):
         if node.noisy:
             return node.noisy_forward(LinearFamily, lambda t, b: _LINEAR(t, weight, bias if b else None), x, weight)
         return _LINEAR(x, weight, bias)
     node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
-    x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
-    with torch.autocast(x.device.type, enabled=False):
-        return _FeedbackLinear.apply(x, weight, bias, node, *state)
+    if _autocast_on() or _transforms_on():
+        return _apply_slow(_LINEAR_FNS, x, weight, bias, node, *node.state())
+    return _FeedbackLinear.apply(x, weight, bias, node, *node.state())
 
 
 # ----------------------------------------------------------------------- convolution
 class ConvFamily:
-    """Backward building blocks of a convolution with fixed stride/padding/dilation/groups."""
+    """Backward building blocks of a convolution with fixed stride/padding/dilation/groups
+    (lists of ints, ``"same"``/``"valid"`` resolved; ``pre_pad``: the far-side padding
+    ``"same"`` adds to the input where its total is odd, or None)."""
 
-    def __init__(self, stride, padding, dilation, groups, bias_sizes, transposed=False, output_padding=None):
+    def __init__(
+        self, stride, padding, dilation, groups, bias_sizes, transposed=False, output_padding=None, pre_pad=None
+    ):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.bias_sizes = bias_sizes
         # a transposed convolution's weight is (in, out/groups, *k); its backward is the
         # same native call with transposed=True
         self.transposed = transposed
         self.output_padding = output_padding if output_padding is not None else [0] * len(stride)
+        self.pre_pad = pre_pad
+        # the forward: native(x, weight, bias, *args)
+        n = len(stride)
+        if transposed:
+            self.native = _CONV_T[n]
+            self.args = (stride, padding, self.output_padding, groups, dilation)
+        else:
+            self.native = _CONV[n]
+            self.args = (stride, padding, dilation, groups)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The forward: the native convolution with these arguments."""
+        return self.native(x, weight, bias, *self.args)
 
     @staticmethod
     def positions(e: Tensor) -> int:
@@ -158,10 +226,13 @@ class ConvFamily:
     def fused(self, e: Tensor, x: Tensor, kernel: Tensor, need_x: bool, need_w: bool, need_b: bool):
         """One native call, the one BP makes: ``grad_x`` runs through ``kernel``; the weight
         and bias gradients never read the kernel's values."""
-        return torch.ops.aten.convolution_backward(
+        # the kernel in the input's memory format keeps the backward on the path BP takes
+        if kernel.dim() == 4 and not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=_CL):
+            kernel = kernel.contiguous(memory_format=_CL)
+        return _CONV_BACKWARD(
             e,
             x,
-            _match_layout(kernel, x),
+            kernel,
             self.bias_sizes if need_b else None,
             self.stride,
             self.padding,
@@ -185,62 +256,97 @@ class ConvFamily:
 
 class _FeedbackConv(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state):
-        n = weight.dim() - 2
-        if output_padding is None:
-            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-        return _CONV_T[n](x, weight, bias, stride, padding, output_padding, groups, dilation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state = inputs
+    def forward(ctx, x, weight, bias, node, family, *state):
         ctx.save_for_backward(x, weight, *state)
         ctx.node = node
-        bias_sizes = None if bias is None else list(bias.shape)
-        ctx.family = ConvFamily(
-            stride, padding, dilation, groups, bias_sizes, output_padding is not None, output_padding
-        )
+        ctx.family = family
+        return family.native(x, weight, bias, *family.args)
 
     @staticmethod
     def backward(ctx, e: Tensor):
         x, weight, *state = ctx.saved_tensors
-        nx, nw, nb, *rest = ctx.needs_input_grad
-        ns = rest[6:]
-        need = Need(nx, nw, nb and ctx.family.bias_sizes is not None, any(ns))
+        nx, nw, nb, _, _, *ns = ctx.needs_input_grad  # nb: a bias was given and wants its gradient
+        need = _NEEDS[nx, nw, nb, any(ns)]
         gx, gw, gb, gs = ctx.node.run_backward(ctx.family, e, x, weight, tuple(state), need)
-        return gx, gw if nw else None, gb, None, None, None, None, None, None, *gs
+        return gx, gw if nw else None, gb, None, None, *gs
 
 
-def _same_padding(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> tuple[Tensor, list[int]]:
-    """Resolve ``padding="same"`` as torch does: symmetric, extra element on the far side."""
+class _FeedbackConvFunc(_FeedbackConv):
+    """The same op with ``setup_context``, the form ``torch.func`` transforms accept."""
+
+    @staticmethod
+    def forward(x, weight, bias, node, family, *state):  # type: ignore[override]
+        return family.native(x, weight, bias, *family.args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _, node, family, *state = inputs
+        ctx.save_for_backward(x, weight, *state)
+        ctx.node = node
+        ctx.family = family
+
+
+_CONV_FNS = (_FeedbackConv, _FeedbackConvFunc)
+
+
+def _same_padding(weight: Tensor, dilation: Sequence[int]) -> tuple[list[int], list[int] | None]:
+    """Resolve ``padding="same"`` as torch does: symmetric, and where the total is odd one
+    more element on the far side, added to the input (``F.pad`` arguments, or None)."""
     n = weight.dim() - 2
     pads, extra = [], []
     for d in range(n):
         total = dilation[d] * (weight.shape[2 + d] - 1)
         pads.append(total // 2)
         extra.append(total - 2 * (total // 2))
-    if any(extra):
-        pad_arg: list[int] = []
-        for d in reversed(range(n)):
-            pad_arg += [0, extra[d]]
-        x = F.pad(x, pad_arg)
-    return x, pads
+    if not any(extra):
+        return pads, None
+    pad_arg: list[int] = []
+    for d in reversed(range(n)):
+        pad_arg += [0, extra[d]]
+    return pads, pad_arg
 
 
-def _conv_args(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, list, list, list]:
-    """Stride, padding and dilation as lists; ``"same"``/``"valid"`` resolved (``x`` padded
-    on the far side where ``"same"`` needs an odd total)."""
+def _conv_family(weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups, output_padding) -> ConvFamily:
+    """Stride, padding, dilation (and a transposed convolution's output padding) as lists;
+    ``"same"``/``"valid"`` resolved."""
     n = weight.dim() - 2
     tup = _ntuple(n)
     stride, dilation = list(tup(stride)), list(tup(dilation))
+    pre_pad = None
     if isinstance(padding, str):
         if padding == "valid":
             padding = [0] * n
         elif padding == "same":
-            x, padding = _same_padding(x, weight, dilation)
+            padding, pre_pad = _same_padding(weight, dilation)
         else:
             raise ValueError(f"padding must be 'valid', 'same' or numbers, got {padding!r}")
-    return x, stride, list(tup(padding)), dilation
+    bias_sizes = None if bias is None else list(bias.shape)
+    transposed = output_padding is not None
+    out_pad = list(tup(output_padding)) if transposed else None
+    return ConvFamily(stride, list(tup(padding)), dilation, groups, bias_sizes, transposed, out_pad, pre_pad)
+
+
+def _family(node: FeedbackNode, weight: Tensor, bias: Tensor | None, args: tuple) -> ConvFamily:
+    """The node's :class:`ConvFamily` for ``args = (stride, padding, dilation, groups,
+    output_padding)``: built on the first call and kept on the node (the arguments are
+    constants of the converted graph), rebuilt where they change."""
+    key = (args, bias is None, weight.shape)
+    if _compiling():  # traced once: nothing to keep
+        return _conv_family(weight, bias, *args)
+    cached = node.__dict__.get("_pfa_conv_family")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    family = _conv_family(weight, bias, *args)
+    node.__dict__["_pfa_conv_family"] = (key, family)
+    return family
+
+
+def _noisy_conv(x: Tensor, weight: Tensor, bias: Tensor | None, node: FeedbackNode, args: tuple) -> Tensor:
+    """A rule's own no-grad pass through the op (PAL's noisy pass)."""
+    family = _family(node, weight, bias, args)
+    if family.pre_pad is not None:
+        x = F.pad(x, family.pre_pad)
+    return node.noisy_forward(family, lambda t, b: family.conv(t, weight, bias if b else None), x, weight)
 
 
 def feedback_conv(
@@ -254,23 +360,19 @@ def feedback_conv(
     groups: int = 1,
 ) -> Tensor:
     """``F.conv{1,2,3}d`` whose backward uses ``node``'s feedback weight."""
-    n = weight.dim() - 2
-    if not _wants_grad(x, weight, bias, *node.parameters()):
+    if not (_grad_on() and (x.requires_grad or weight.requires_grad or _state_wants_grad(bias, node))):
         if node.noisy:
-            x, stride, padding, dilation = _conv_args(x, weight, stride, padding, dilation)
-            family = ConvFamily(stride, padding, dilation, groups, None)
-            conv = _CONV[n]
-            return node.noisy_forward(
-                family, lambda t, b: conv(t, weight, bias if b else None, stride, padding, dilation, groups), x, weight
-            )
-        return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-    x, stride, padding, dilation = _conv_args(x, weight, stride, padding, dilation)
+            return _noisy_conv(x, weight, bias, node, (stride, padding, dilation, groups, None))
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    family = _family(node, weight, bias, (stride, padding, dilation, groups, None))
+    if family.pre_pad is not None:
+        x = F.pad(x, family.pre_pad)
     node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
-    x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
-    with torch.autocast(x.device.type, enabled=False):
-        return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, None, *state)
+    if _autocast_on() or _transforms_on():
+        return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
+    return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
 
 
 def feedback_conv_transpose(
@@ -286,28 +388,17 @@ def feedback_conv_transpose(
 ) -> Tensor:
     """``F.conv_transpose{1,2,3}d`` (same argument order) whose backward uses ``node``'s
     feedback weight; ``weight`` is ``(in, out/groups, *k)`` as torch stores it."""
-    n = weight.dim() - 2
-    wants_grad = _wants_grad(x, weight, bias, *node.parameters())
-    if not wants_grad and not node.noisy:
-        return _CONV_T[n](x, weight, bias, stride, padding, output_padding, groups, dilation)
-    tup = _ntuple(n)
-    stride, padding, dilation = list(tup(stride)), list(tup(padding)), list(tup(dilation))
-    output_padding = list(tup(output_padding))
-    if not wants_grad:  # a rule's own no-grad pass (PAL's noisy pass)
-        family = ConvFamily(stride, padding, dilation, groups, None, True, output_padding)
-        conv_t = _CONV_T[n]
-        return node.noisy_forward(
-            family,
-            lambda t, b: conv_t(t, weight, bias if b else None, stride, padding, output_padding, groups, dilation),
-            x,
-            weight,
-        )
+    if not (_grad_on() and (x.requires_grad or weight.requires_grad or _state_wants_grad(bias, node))):
+        if node.noisy:
+            return _noisy_conv(x, weight, bias, node, (stride, padding, dilation, groups, output_padding))
+        return _CONV_T[weight.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
+    family = _family(node, weight, bias, (stride, padding, dilation, groups, output_padding))
     node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
-    x, weight, bias, *state = _autocast_inputs(x, weight, bias, *node.state())
-    with torch.autocast(x.device.type, enabled=False):
-        return _FeedbackConv.apply(x, weight, bias, node, stride, padding, dilation, groups, output_padding, *state)
+    if _autocast_on() or _transforms_on():
+        return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
+    return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
 
 
 # ------------------------------------------------------------- expert-mixed kernels
@@ -319,12 +410,12 @@ class _FeedbackExpertMix(torch.autograd.Function):
     ``grad_fn`` and sends its error down through the same mix of feedback kernels."""
 
     @staticmethod
-    def forward(routing, bank, node, *state):
+    def forward(ctx, routing, bank, node, *state):
+        _FeedbackExpertMix._keep(ctx, routing, bank, node, state)
         return torch.matmul(routing, bank)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        routing, bank, node, *state = inputs
+    def _keep(ctx, routing, bank, node, state) -> None:
         ctx.save_for_backward(routing, bank, *state)
         ctx.node = node
         ctx.pfa_expert_mix = True
@@ -359,6 +450,22 @@ class _FeedbackExpertMix(torch.autograd.Function):
         return grad_r, grad_bank if n_bank else None, None, *gs
 
 
+class _FeedbackExpertMixFunc(_FeedbackExpertMix):
+    """The same op with ``setup_context``, the form ``torch.func`` transforms accept."""
+
+    @staticmethod
+    def forward(routing, bank, node, *state):  # type: ignore[override]
+        return torch.matmul(routing, bank)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        routing, bank, node, *state = inputs
+        _FeedbackExpertMix._keep(ctx, routing, bank, node, tuple(state))
+
+
+_EXPERT_MIX_FNS = (_FeedbackExpertMix, _FeedbackExpertMixFunc)
+
+
 def _feedback_bank(ctx, bank: Tensor, state) -> Tensor:
     if ctx.feedback_bank is None:
         node = ctx.node
@@ -370,12 +477,10 @@ def _feedback_bank(ctx, bank: Tensor, state) -> Tensor:
 def feedback_expert_mix(routing: Tensor, bank: Tensor, node: FeedbackNode) -> Tensor:
     """``torch.matmul(routing, bank)`` for a bank of expert kernels ``(experts, k)`` whose
     node holds their feedback state (W's shape ``(experts·out, in/g, *k)``)."""
-    if not _wants_grad(routing, bank, *node.parameters()):
+    if not _wants_grad(routing, bank, None, node):
         return torch.matmul(routing, bank)
     node.note_weight(bank.reshape(node.weight_shape))
-    routing, bank, *state = _autocast_inputs(routing, bank, *node.state())
-    with torch.autocast(routing.device.type, enabled=False):
-        return _FeedbackExpertMix.apply(routing, bank, node, *state)
+    return _apply_slow(_EXPERT_MIX_FNS, routing, bank, node, *node.state())
 
 
 def expert_mix_of(weight: Tensor, max_nodes: int = 8):

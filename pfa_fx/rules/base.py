@@ -143,7 +143,9 @@ class FeedbackNode(nn.Module):
         return self.state()
 
     def note_weight(self, weight: Tensor) -> None:
-        self._last_weight = weight.detach()
+        # called by the op on every training call: straight into __dict__, where __init__'s
+        # plain attribute lives (nn.Module.__setattr__ would cost more than the rest of it)
+        self.__dict__["_last_weight"] = weight.detach()
 
     def record_input(self, x: Tensor) -> None:
         """Called with the op's input on training calls when :attr:`records_input` is set."""
