@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ import pytest
 import torch
 
 import pfa_fx
+from tests.test_examples_fig45 import _load  # the examples as modules, as their smoke tests load them
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -36,16 +36,6 @@ TIMING = {"epoch_time_s"}  # wall-clock metrics: the only curve values allowed t
 # 2 epochs of 2 steps of 16 images; a 4-image gradient-alignment probe (smoke data: 64 train / 32 test)
 SMALL = ["--epochs", "2", "--batch-size", "16", "--limit-steps", "2", "--align-batch", "4"]
 RULE_FLAGS = {"sf": ["--sf-variant", "brsf"]}  # brSF: the per-batch draw counter must survive a restart
-
-
-def _load(name: str) -> ModuleType:
-    for dep in ("matplotlib", "tqdm", "torchvision"):
-        pytest.importorskip(dep)
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
