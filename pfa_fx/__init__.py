@@ -5,19 +5,11 @@ pass) into a feedback-aware op: identical forward, backward through the rule's f
 weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``.
 """
 
-from .convert import (
-    ConvertedModule,
-    TraceError,
-    clip_grad_norm_,
-    conversion_config,
-    convert,
-    feedback_modules,
-    feedback_parameters,
-    model_parameters,
-    op_names,
-)
+from .checkpoint import conversion_config
+from .convert import ConvertedModule, TraceError, convert, feedback_modules, op_names
 from .errors import ConversionError
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
+from .params import clip_grad_norm_, feedback_parameters, model_parameters
 from .report import ConversionReport, report
 from .rules import RULES, FeedbackNode, mirror, step_feedback
 

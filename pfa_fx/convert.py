@@ -194,6 +194,8 @@ class ConvertedModule(fx.GraphModule):
         """``nn.Module.load_state_dict``; a checkpoint saved from another conversion (rule,
         options, or the seed of rules that keep drawing from it) is refused with a
         :class:`ConversionError` naming both configurations."""
+        from .checkpoint import _load_state_dict  # checkpoint checks import this module
+
         return _load_state_dict(self, super().load_state_dict, state_dict, *args, **kwargs)
 
     def __reduce__(self):
@@ -921,6 +923,8 @@ def _build(
     gm.pfa_kept_native = sorted(rewriter.kept_native)
     gm.pfa_skipped = dict(rewriter.skipped)
     _attach_rules(gm)
+    from .checkpoint import _watch_checkpoints
+
     _watch_checkpoints(gm)
     return gm, root, rewriter
 
@@ -959,6 +963,8 @@ def _convert_eagerly(
     root.pfa_fallbacks = {"": reason}
     root.pfa_kept_native = sorted(rewriter.kept_native)
     root.pfa_skipped = {}
+    from .checkpoint import _eager_load_state_dict, _watch_checkpoints
+
     root.forward = types.MethodType(_eager_forward, root)
     root.load_state_dict = types.MethodType(_eager_load_state_dict, root)
     _attach_rules(root)
@@ -997,256 +1003,12 @@ def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
             yield (name[i + len(marker) :] if i >= 0 else name), m
 
 
-# ------------------------------------------------------------------ parameter groups
-def _feedback_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, FeedbackNode) for p in m.parameters(recurse=False)}
-
-
-def feedback_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable feedback state of a converted model (KP's ``B``, PFA's ``R`` or ``S``),
-    in ``model.parameters()`` order.
-
-    ``model.parameters()`` includes it, so weight-decay groups, ``clip_grad_norm_``,
-    parameter counts and EMA copies see it unless told apart: use this and
-    :func:`model_parameters`, which together partition ``model.parameters()`` exactly.
-
-    >>> opt = torch.optim.SGD(  # doctest: +SKIP
-    ...     [{"params": pfa_fx.model_parameters(model)}, {"params": pfa_fx.feedback_parameters(model)}],
-    ...     lr=0.1, momentum=0.9, weight_decay=1e-4)
-    """
-    ids = _feedback_ids(model)
-    return [p for p in model.parameters() if id(p) in ids]
-
-
-def model_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """``model.parameters()`` without the feedback state: the model's own weights, biases
-    and normalisation parameters (the complement of :func:`feedback_parameters`)."""
-    ids = _feedback_ids(model)
-    return [p for p in model.parameters() if id(p) not in ids]
-
-
-def clip_grad_norm_(
-    model: nn.Module,
-    max_norm: float,
-    norm_type: float = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: bool | None = None,
-) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a converted model: the clipping factor is
-    computed from the model's own gradients only (:func:`model_parameters`), as it would
-    be without conversion, and the feedback state's gradients are scaled by that same
-    factor. Returns the total norm of the model's own gradients.
-
-    ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` instead counts the feedback
-    gradients in the norm, which changes W's factor and makes ``compact=True`` PFA differ
-    from explicit PFA (``S``'s gradient has another norm than ``R``'s). With one factor
-    from W's gradients alone, compact PFA stays equal to explicit PFA under SGD, and KP's
-    ``B`` keeps moving by W's step.
-    """
-    own = [p for p in model_parameters(model) if p.grad is not None]
-    total = torch.nn.utils.clip_grad_norm_(own, max_norm, norm_type, error_if_nonfinite, foreach)
-    # the factor torch's clip_grad_norm_ just applied, computed the same way
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    with torch.no_grad():
-        for p in feedback_parameters(model):
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-    return total
-
-
-# ------------------------------------------------------------------------ checkpoints
-#: where a converted model's state_dict records its conversion (PyTorch's per-module metadata)
-CHECKPOINT_KEY = "pfa_fx"
-
-
-def _op_config(node: FeedbackNode) -> dict[str, Any]:
-    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed}
-
-
-def conversion_config(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{op name: {"rule", "options", "seed"}}`` of a converted model: what its checkpoints
-    record, and what ``load_state_dict`` compares them with."""
-    return {name: _op_config(node) for name, node in feedback_modules(model)}
-
-
-def _watch_checkpoints(model: nn.Module) -> None:
-    # The configuration travels in the state_dict's metadata (where PyTorch keeps module
-    # versions) rather than as extra state: state_dict values stay tensors plus the
-    # counters some rules already kept, so tensor-only tooling (safetensors, EMA helpers,
-    # elementwise comparisons) sees what it saw before.
-    model.register_state_dict_post_hook(_save_conversion)
-    model.register_load_state_dict_pre_hook(_check_checkpoint)
-
-
-def _load_state_dict(module: nn.Module, load: Any, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``load`` with the caller's ``strict`` visible to :func:`_check_checkpoint`: PyTorch
-    hands its hooks ``strict=True`` whatever the caller asked for."""
-    strict = kwargs.get("strict", args[0] if args else True)
-    before = module.__dict__.get("_pfa_load_strict")
-    module.__dict__["_pfa_load_strict"] = bool(strict)
-    try:
-        return load(state_dict, *args, **kwargs)
-    finally:
-        module.__dict__["_pfa_load_strict"] = before
-
-
-def _eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-    # the class's own load_state_dict (the model's override, if it has one), not this instance's
-    load = types.MethodType(type(self).load_state_dict, self)
-    return _load_state_dict(self, load, state_dict, *args, **kwargs)
-
-
-def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
-    local_metadata[CHECKPOINT_KEY] = {"format": 1, "ops": conversion_config(module)}
-
-
-def _state_leaves(node: FeedbackNode) -> set[str]:
-    """The state_dict names of a node's own entries (``R``, ``B``, ``_extra_state``...)."""
-    leaves = {n for n, p in node._parameters.items() if p is not None}
-    leaves |= {n for n, b in node._buffers.items() if b is not None and n not in node._non_persistent_buffers_set}
-    if type(node).get_extra_state is not nn.Module.get_extra_state:
-        leaves.add("_extra_state")
-    return leaves
-
-
-def _same_config(theirs: Mapping[str, Any] | None, node: FeedbackNode | None) -> bool:
-    if theirs is None or node is None:
-        return theirs is None and node is None
-    if theirs.get("rule") != node.rule:
-        return False
-    options = theirs.get("options", {})
-    for k, v in node.config.items():
-        # options a checkpoint predates are not compared; PFA's route only chooses how the
-        # same numbers are computed, so a checkpoint may resume under another one
-        if k in options and k not in node.compute_only_options and options[k] != v:
-            return False
-    # rules that keep drawing from seeded streams after conversion continue another run
-    # under another seed; the others carry every draw in their saved tensors
-    return not (node.draws_from_seed and theirs.get("seed", node.seed) != node.seed)
-
-
-def _render(config: Mapping[str, Any] | None) -> str:
-    if config is None:
-        return "not converted (native, or no such op)"
-    opts = ", ".join(f"{k}={format_option(v)}" for k, v in config.get("options", {}).items())
-    return f"{config.get('rule')}({opts}), seed={config.get('seed')!r}"
-
-
-def format_option(value: Any) -> str:
-    """An option value for people: floats to 6 significant digits (``0.2``, not the
-    ``0.19999999999999996`` a resolved default may be), everything else as ``repr``."""
-    return repr(float(f"{value:.6g}")) if isinstance(value, float) and math.isfinite(value) else repr(value)
-
-
-def _by_config(configs: Mapping[str, Mapping[str, Any] | None], ops: list[str]) -> list[str]:
-    groups: dict[str, list[str]] = {}
-    for op in ops:
-        groups.setdefault(_render(configs.get(op)), []).append(op)
-    return [f"{desc} for {len(names)} op(s): {_short_list(names, 4)}" for desc, names in groups.items()]
-
-
-def _check_checkpoint(
-    module: nn.Module,
-    state_dict: Mapping[str, Any],
-    prefix: str,
-    local_metadata: Mapping[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """``load_state_dict`` pre-hook of a converted model: refuse a checkpoint saved from
-    another conversion (rule, options, or the seed of rules that keep drawing from it)
-    before PyTorch lists missing and unexpected keys. Under ``strict=False``, and where
-    the model is loaded as part of a larger module (whose ``strict`` PyTorch does not
-    pass on), only a checkpoint that would load feedback tensors into a differently
-    configured op is refused; unconverted checkpoints (pretrained weights) are never checked."""
-    strict = module.__dict__.get("_pfa_load_strict") is True
-    ns = f"{prefix}{NAMESPACE}."
-    incoming: dict[str, set[str]] = {}
-    for key in state_dict:
-        if key.startswith(ns):
-            op, _, leaf = key[len(ns) :].rpartition(".")
-            incoming.setdefault(op, set()).add(leaf)
-    saved = local_metadata.get(CHECKPOINT_KEY)
-    if saved is None and not incoming:
-        return
-    nodes = dict(feedback_modules(module))
-    own = {op: _state_leaves(node) for op, node in nodes.items()}
-    mine = conversion_config(module)
-    if saved is not None:
-        theirs = saved.get("ops", {})
-        differ = [op for op in dict.fromkeys([*theirs, *mine]) if not _same_config(theirs.get(op), nodes.get(op))]
-        if not strict:  # only what would load feedback tensors into a differently configured op
-            differ = [op for op in differ if op in theirs and op in own and incoming.get(op, set()) & own[op]]
-        if not differ:
-            return
-        lines = [
-            f"this checkpoint was saved from another conversion ({len(differ)} op(s) differ in rule, options or seed):",
-            "  checkpoint: " + "\n              ".join(_by_config(theirs, differ)),
-            "  this model: " + "\n              ".join(_by_config(mine, differ)),
-        ]
-        seeds_only = all(
-            op in theirs and op in mine and {**theirs[op], "seed": None} == {**mine[op], "seed": None} for op in differ
-        )
-        if seeds_only:
-            seeds = ", ".join(sorted({repr(theirs[op].get("seed")) for op in differ}))
-            lines.append(
-                "only the seed differs, but these ops keep drawing noise or projections from it after "
-                f"conversion (DFA, WM, PAL, brSF): the run continues only under the checkpoint's seed={seeds}"
-            )
-        hint = _convert_call(theirs)
-        lines.append(
-            "To resume the checkpoint, convert the model the way it was converted"
-            + (f", e.g. {hint}" if hint else "")
-            + f"; to take only the model's own weights from it, drop its '{NAMESPACE}.*' keys and load with "
-            "strict=False."
-        )
-        raise ConversionError("\n".join(lines))
-    if not strict:
-        return
-    differ = [op for op in dict.fromkeys([*incoming, *own]) if incoming.get(op, set()) != own.get(op, set())]
-    if differ:
-        lines = [
-            "this checkpoint's feedback state does not fit this conversion, and the checkpoint records no pfa_fx "
-            "configuration to compare (saved by an older pfa_fx, or its dict was rebuilt without _metadata):"
-        ]
-        for op in differ[:6]:
-            held = ", ".join(sorted(incoming.get(op, set()))) or "nothing"
-            here = f"{_render(mine.get(op))} holding {', '.join(sorted(own.get(op, set()))) or 'nothing'}"
-            lines.append(f"  {op}: checkpoint holds {held}; this model: {here}")
-        if len(differ) > 6:
-            lines.append(f"  … and {len(differ) - 6} more op(s)")
-        lines.append(
-            f"Convert with the checkpoint's rule and options, or drop its '{NAMESPACE}.*' keys and load with "
-            "strict=False to take only the model's own weights."
-        )
-        raise ConversionError("\n".join(lines))
-
-
-def _convert_call(theirs: Mapping[str, Mapping[str, Any]]) -> str:
-    """``pfa_fx.convert(model, 'pfa', expansion=10, ..., seed=0)`` when every op of the
-    checkpoint was converted alike (a mapping's conversion has no one-line call)."""
-    configs = {_render(cfg) for cfg in theirs.values()}
-    if len(configs) != 1:
-        return ""
-    cfg = next(iter(theirs.values()))
-    args = [f"{cfg.get('rule')!r}", *(f"{k}={v!r}" for k, v in cfg.get("options", {}).items())]
-    if cfg.get("seed") is not None:
-        args.append(f"seed={cfg['seed']!r}")
-    return f"pfa_fx.convert(model, {', '.join(args)})"
-
-
 __all__ = [
     "RULES",
     "ConversionError",
     "ConvertedModule",
     "TraceError",
-    "clip_grad_norm_",
-    "conversion_config",
     "convert",
     "feedback_modules",
-    "feedback_parameters",
-    "model_parameters",
     "op_names",
 ]

@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from .convert import NAMESPACE, feedback_modules, format_option
+from .checkpoint import format_option
+from .convert import NAMESPACE, feedback_modules
 from .rules import FeedbackNode
 from .rules.base import xavier_std
 
