@@ -21,11 +21,16 @@ from torch import Tensor, nn
 from ..errors import ConversionError, did_you_mean
 
 
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (SHA-256 of ``"p0:p1:..."``): the same in every process."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def seeded_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded by ``(seed, name)``: same draws in every process, no communication."""
-    digest = hashlib.sha256(f"pfa_fx:{seed}:{name}".encode()).digest()
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    gen.manual_seed(derived_seed("pfa_fx", seed, name))
     return gen
 
 
@@ -209,6 +214,15 @@ class FeedbackNode(nn.Module):
         return f"rule={self.rule!r}, weight={shape}, groups={self.groups}" + (f", {opts}" if opts else "")
 
     # -- helpers for subclasses ----------------------------------------------------------
+    def stream(self, device: torch.device, *parts: object) -> torch.Generator:
+        """This node's generator on ``device``, reseeded from ``parts`` (e.g. a base seed and
+        a step): per-step draws (brSF's magnitudes, WM/PAL noise) without a new generator."""
+        gen = self.__dict__.get("_gen")
+        if gen is None or gen.device != device:
+            gen = self.__dict__["_gen"] = torch.Generator(device=device)
+        gen.manual_seed(derived_seed(*parts))
+        return gen
+
     @staticmethod
     def draw(shape: tuple[int, ...], generator: torch.Generator, like: Tensor, std: float) -> Tensor:
         """Gaussian draw on the CPU in float64, then cast: identical values on every device."""

@@ -42,7 +42,6 @@ Others raise naming the op.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, ClassVar
 
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionError
-from .base import FeedbackNode
+from .base import FeedbackNode, derived_seed
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
 CACHE_LIMIT = 1 << 22
@@ -132,11 +131,6 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
     return _replaced(output, key, _CaptureError.apply(y, hub))
 
 
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class DFANode(FeedbackNode):
     rule = "dfa"
     options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
@@ -183,7 +177,7 @@ class DFANode(FeedbackNode):
         gen = torch.Generator(device=device)
         for i, start in enumerate(range(0, d_in, cols)):
             stop = min(d_in, start + cols)
-            gen.manual_seed(_seed(self._draw_seed, d_out, d_in, i))
+            gen.manual_seed(derived_seed(self._draw_seed, d_out, d_in, i))
             p = torch.randn((d_out, stop - start), generator=gen, device=device, dtype=torch.float32)
             yield start, stop, p.mul_(std)
 

@@ -6,7 +6,6 @@ fixed random magnitudes, ``"brsf"`` magnitudes redrawn at every forward (batch) 
 generator seeded by ``(seed, op name, step)``, so every process draws the same.
 """
 
-import hashlib
 from typing import Any, ClassVar
 
 import torch
@@ -45,7 +44,6 @@ class SFNode(FeedbackNode):
         elif variant == "brsf":
             self.step = 0  # batches drawn so far; saved through get_extra_state
             self._base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            self._gen: torch.Generator | None = None
 
     @property
     def draws_from_seed(self) -> bool:
@@ -59,13 +57,10 @@ class SFNode(FeedbackNode):
             self.step = int(state["step"])
 
     def _batch_magnitudes(self, weight: Tensor, step: int) -> Tensor:
-        if self._gen is None or self._gen.device != weight.device:
-            self._gen = torch.Generator(device=weight.device)
-        digest = hashlib.sha256(f"{self._base_seed}:{step}".encode()).digest()
-        self._gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        gen = self.stream(weight.device, self._base_seed, step)
         # drawn in float32 under autocast too: the same magnitudes whatever the compute dtype
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        m = torch.randn(weight.shape, generator=self._gen, device=weight.device, dtype=dtype)
+        m = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=dtype)
         return m.abs_().mul_(self.std).to(weight.dtype)
 
     def state(self) -> tuple[Tensor, ...]:

@@ -36,7 +36,6 @@ raise ``mirror_batch`` (cost ``2·mirror_batch·|W|`` multiply-adds per step) or
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from typing import Any, ClassVar
 
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConversionError
-from .base import FeedbackNode, feedback_std
+from .fa import FANode
 
 #: default relaxation per step, ``learning rate × decay``: a time constant of 500 steps
 RATE = 0.002
@@ -70,18 +69,15 @@ def _watch_optimizers() -> None:
         _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _positive(rule: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConversionError(f"{rule}: {name} must be a positive number, got {value!r}")
     return float(value)
 
 
-class WMNode(FeedbackNode):
+class WMNode(FANode):
+    """FA's draw of ``B``, made plastic by mirror steps."""
+
     rule = "wm"
     options: ClassVar[dict[str, Any]] = {
         "scale": "xavier",
@@ -106,18 +102,14 @@ class WMNode(FeedbackNode):
         decay: float | None = None,
         mirror_batch: int = 32,
     ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        self.scale = scale
+        super().__init__(weight, groups=groups, generator=generator, transposed=transposed, scale=scale)
         self.sigma = _positive(self.rule, "sigma", sigma)
         self.decay = self.sigma**2 if decay is None else _positive(self.rule, "decay", decay)
         self.mirror_lr = RATE / self.decay if mirror_lr is None else _positive(self.rule, "mirror_lr", mirror_lr)
         if isinstance(mirror_batch, bool) or not isinstance(mirror_batch, int) or mirror_batch < 1:
             raise ConversionError(f"{self.rule}: mirror_batch must be an int >= 1, got {mirror_batch!r}")
         self.mirror_batch = mirror_batch
-        std = feedback_std(weight, scale, self.rule)
-        self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
         self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        self._gen: torch.Generator | None = None
         self.steps = 0  # noise draws so far (mirror steps; PAL's noisy passes)
         _watch_optimizers()
 
@@ -129,9 +121,6 @@ class WMNode(FeedbackNode):
     def after_optimizer_step(self) -> None:
         """What follows an optimizer step of this op's weight: one mirror step."""
         self.mirror_step()
-
-    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
-        return state[0]
 
     @property
     def draws_from_seed(self) -> bool:
@@ -146,11 +135,9 @@ class WMNode(FeedbackNode):
     # -- learning from noise -----------------------------------------------------------
     def noise(self, shape: tuple[int, ...], step: int, like: Tensor) -> Tensor:
         """The noise of draw ``step``: ``N(0, σ²)`` in ``shape``, on ``like``'s device."""
-        if self._gen is None or self._gen.device != like.device:
-            self._gen = torch.Generator(device=like.device)
-        self._gen.manual_seed(_seed(self._noise_seed, step))
+        gen = self.stream(like.device, self._noise_seed, step)
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        xi = torch.randn(shape, generator=self._gen, device=like.device, dtype=dtype)
+        xi = torch.randn(shape, generator=gen, device=like.device, dtype=dtype)
         return xi.mul_(self.sigma).to(like.dtype)
 
     def relax(self, kgrad: Tensor, count: Tensor | float) -> None:
