@@ -536,6 +536,8 @@ class _Rewriter:
         fb = self.node_for(key, weight, groups, owner, transposed=transposed)
         if fb is None:
             return
+        if not fb._weight_fn and (fn := _weight_function(self.gm, w_node, fb.weight_shape)) is not None:
+            fb._weight_fn = [fn]
         with graph.inserting_before(node):
             f = self._feedback_attr(graph, key)
             if is_linear:
@@ -747,6 +749,45 @@ def _source_parameter(gm: nn.Module, w_node: Any, max_depth: int = 12) -> str | 
     named = [p for p in found if p.rsplit(".", 1)[-1].endswith("weight")]
     pool = named or found
     return max(pool, key=lambda p: _attr(gm, p).numel())
+
+
+def _weight_function(gm: nn.Module, w_node: Any, shape: tuple[int, ...]) -> fx.GraphModule | None:
+    """A computed weight (e.g. StdConv2d's standardized kernel) as a function of the model's
+    tensors alone: the graph's nodes upstream of ``w_node``, copied into a small
+    GraphModule that reads the same parameter objects. ``node.weight`` evaluates it, so
+    :func:`pfa_fx.alignment` sees the weight the next forward will use, also before any
+    forward (after loading a checkpoint) and after an optimizer step. None for a plain
+    parameter, and where the weight depends on the input or on a module call."""
+    if not isinstance(w_node, fx.Node) or w_node.op == "get_attr":
+        return None
+    upstream, stack = set(), [w_node]
+    while stack:
+        n = stack.pop()
+        if n in upstream:
+            continue
+        if n.op not in ("get_attr", "call_function", "call_method"):
+            return None  # the input, or a module with state of its own
+        if n.op == "get_attr" and not isinstance(_attr(gm, n.target), nn.Parameter):
+            return None  # a buffer: .to() replaces it, so a copy of its reference would go stale
+        upstream.add(n)
+        stack += n.all_input_nodes
+    graph, env = fx.Graph(), {}
+    holder = nn.Module()
+    for n in w_node.graph.nodes:  # graph order is a topological order
+        if n in upstream:
+            env[n] = graph.node_copy(n, env.__getitem__)
+            if n.op == "get_attr":
+                fx.graph_module._copy_attr(gm, holder, n.target)
+    graph.output(env[w_node])
+    fn = fx.GraphModule(holder, graph, "ComputedWeight")
+    try:
+        with torch.no_grad():
+            out = fn()
+    except Exception:  # any failure: the op's last forward weight serves instead
+        return None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        return None
+    return fn
 
 
 def _attr(gm: nn.Module, target: str) -> Any:

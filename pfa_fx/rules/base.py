@@ -109,6 +109,9 @@ class FeedbackNode(nn.Module):
         # set by the pass when the op uses the parameter transposed (``x @ P``)
         self.param_transposed = False
         self._last_weight: Tensor | None = None
+        # set by the pass where the model computes the weight from its parameters (in a
+        # plain list: a GraphModule reading the model's own parameter objects, not a child)
+        self._weight_fn: list[nn.Module] = []
         self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
         self.seed: int | None = None  # set by convert, which seeds the draws with (seed, op name)
         self.op_name = ""
@@ -195,7 +198,13 @@ class FeedbackNode(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The forward weight ``W`` (the last one the op used, e.g. after standardization)."""
+        """The forward weight ``W`` the op uses: the model's computed weight (e.g. after
+        standardization) evaluated from the current parameters where the pass could lift
+        its computation out of the graph, else the last one the op used, else the
+        parameter itself."""
+        if self._weight_fn:
+            with torch.no_grad():
+                return self._weight_fn[0]()
         if self._last_weight is not None:
             return self._last_weight
         w = self._weight_ref[0].detach()
