@@ -18,6 +18,7 @@ import fnmatch
 import inspect
 import math
 import operator
+import re
 import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -386,6 +387,7 @@ class _Rewriter:
         self.owners: dict[str, nn.Module | None] = {}  # every op the pass reached, with its module
         self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
         self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
+        self.flat_names: dict[str, str] = {}  # op name -> the graph's flat attribute for its node
 
     def node_for(
         self,
@@ -472,7 +474,23 @@ class _Rewriter:
                     )
 
     def _feedback_attr(self, graph: fx.Graph, key: str) -> fx.Node:
-        return graph.get_attr(f"{NAMESPACE}.{key}")
+        """The op's node, read by the graph as one flat attribute of the converted model.
+
+        The node lives (and saves) under ``pfa_feedback.<op name>``; the graph reads it from
+        a plain instance attribute that refers to the same object, because a nested
+        ``self.pfa_feedback.layer1...`` chain costs one ``nn.Module.__getattr__`` per level on
+        every call. The object is never replaced (loading copies into its tensors), so the
+        flat reference cannot go stale; it is not a registered child, so ``state_dict`` and
+        ``named_modules`` list the node once."""
+        name = self.flat_names.get(key)
+        if name is None:
+            base = "pfa_fb_" + re.sub(r"\W", "_", key)
+            name, i = base, 1
+            while hasattr(self.gm, name):
+                name, i = f"{base}_{i}", i + 1
+            self.gm.__dict__[name] = self.made[key]
+            self.flat_names[key] = name
+        return graph.get_attr(name)
 
     def _rewrite_module_call(self, graph: fx.Graph, node: fx.Node, m: nn.Module) -> None:
         groups = getattr(m, "groups", 1)
@@ -482,8 +500,11 @@ class _Rewriter:
             return
         x = node.args[0] if node.args else node.kwargs["input"]
         with graph.inserting_before(node):
-            w = graph.get_attr(f"{node.target}.weight")
-            b = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+            # the module once, then its weight and bias: one attribute chain per op, not three
+            # (each level of a chain is an nn.Module.__getattr__ on every call)
+            mod = graph.get_attr(node.target)
+            w = graph.call_function(getattr, (mod, "weight"))
+            b = graph.call_function(getattr, (mod, "bias")) if m.bias is not None else None
             f = self._feedback_attr(graph, node.target)
             if isinstance(m, nn.Linear):
                 new = graph.call_function(ops.feedback_linear, (x, w, b, f))
@@ -492,7 +513,7 @@ class _Rewriter:
                 size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
                 out_pad = m.output_padding
                 if size is not None:
-                    out_pad = graph.call_function(_transposed_output_padding, (graph.get_attr(node.target), x, size))
+                    out_pad = graph.call_function(_transposed_output_padding, (mod, x, size))
                 args = (x, w, b, f, m.stride, m.padding, out_pad, m.groups, m.dilation)
                 new = graph.call_function(ops.feedback_conv_transpose, args)
             else:

@@ -130,6 +130,12 @@ class LinearFamily:
         return gx, gw, gb
 
     @staticmethod
+    def population_call_macs(device: torch.device) -> int:
+        """Fixed cost, in multiply-adds, of the native calls a population route makes beyond
+        a product route's: none for a linear op (both make the same number of matmuls)."""
+        return 0
+
+    @staticmethod
     def mix(e: Tensor, M: Tensor) -> Tensor:
         """Channel mix ``e -> e M`` with ``M`` of shape ``(1, c_in, c_out)``."""
         return e.matmul(M[0])
@@ -243,6 +249,15 @@ class ConvFamily:
             [need_x, need_w, need_b],
         )
 
+    @staticmethod
+    def population_call_macs(device: torch.device) -> int:
+        """Fixed cost, in multiply-adds, of the calls a population route makes beyond a
+        product route's: a second convolution backward and a 1x1 mix instead of one bmm.
+        On this project's CPU the pair costs ~100 µs whatever the size (measured with
+        ``benchmarks/op_overhead.py``), ~2 M multiply-adds of one core's throughput; on a GPU
+        the launches cost far more than they compute."""
+        return _POPULATION_CALL_MACS.get(device.type, _POPULATION_CALL_MACS["other"])
+
     def mix(self, e: Tensor, M: Tensor) -> Tensor:
         """Per-group channel mix with ``M`` of shape ``(groups, c_in/g, c_out/g)``: a 1x1 conv."""
         g, a, b = M.shape
@@ -252,6 +267,9 @@ class ConvFamily:
             return e.reshape(e.shape[0], a).mm(M[0]).reshape(e.shape[0], b, *e.shape[2:])
         kernel = M.transpose(1, 2).reshape(g * b, a, *([1] * (e.dim() - 2)))
         return _CONV[e.dim() - 2](e, _match_layout(kernel, e), None, 1, 0, 1, g)
+
+
+_POPULATION_CALL_MACS = {"cpu": 2_000_000, "other": 100_000_000}
 
 
 class _FeedbackConv(torch.autograd.Function):

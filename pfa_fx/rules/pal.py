@@ -187,7 +187,7 @@ class PALNode(WMNode):
 def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
     """Link each PAL op to the weight ops that read its output (the training graph)."""
     from .. import intercept, ops
-    from ..convert import NAMESPACE
+    from ..convert import _attr
 
     graphs = model.__dict__.get("_pfa_graphs")
     graph: fx.Graph | None = graphs[True] if graphs else getattr(model, "graph", None)
@@ -200,7 +200,7 @@ def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
         if n.op != "call_function":
             continue
         if n.target in weight_ops and isinstance(n.args[3], fx.Node) and n.args[3].op == "get_attr":
-            op_key[n] = n.args[3].target[len(NAMESPACE) + 1 :]
+            op_key[n] = _attr(model, n.args[3].target).op_name
         elif n.target is intercept.call_with_feedback or getattr(n.target, "__name__", "").endswith("_with_feedback"):
             opaque.add(n)  # weight ops inside: the response there is not an op input we see
     for n, key in op_key.items():

@@ -253,10 +253,13 @@ class PFANode(FeedbackNode):
         grad_R = torch.bmm(B.transpose(1, 2), self._grouped(grad_weight))
         return (self._ungrouped(grad_R, tuple(state[0].shape)),)
 
-    def choose_route(self, positions: int) -> str:
+    def choose_route(self, positions: int, call_macs: int = 0) -> str:
         """``"product"`` (build ``W_b`` once, no batch dimension) or ``"population"`` (mix the
         error through the population, per batch position): whichever costs fewer
-        multiply-adds beyond BP's own backward for this shape."""
+        multiply-adds beyond BP's own backward for this shape, counting ``call_macs`` for
+        the native calls the population route makes beyond the product route's (for a
+        convolution: one more backward call and a 1x1 mix, whose fixed cost decides on
+        launch-bound shapes)."""
         if self.compact and self.orthonormal:
             return "product"  # W_b = S: nothing to build
         if self.route != "auto":
@@ -266,14 +269,22 @@ class PFANode(FeedbackNode):
         width = n_out // self.groups if self.compact else self.nbar // self.groups
         if self.compact:
             # G·S once vs. G^T e at every position
-            return "population" if positions * n_out * width < n_out * width * fan else "product"
-        product = 2 * n_out * width * fan  # B·R and B^T grad_W
-        population = positions * (n_out * width + 2 * self.nbar * fan - n_out * fan)  # ē, then R's conv
-        return "population" if population < product else "product"
+            product = n_out * width * fan
+            population = positions * n_out * width
+        else:
+            product = 2 * n_out * width * fan  # B·R and B^T grad_W
+            population = positions * (n_out * width + 2 * self.nbar * fan - n_out * fan)  # ē, then R's conv
+        return "population" if population + call_macs < product else "product"
 
     def backward(self, family, e, x, weight, state, need):
         (T,) = state
-        if self.choose_route(family.positions(e)) == "product":
+        # the route depends only on the shape and device: chosen once per (positions, device)
+        routes = self.__dict__.setdefault("_routes", {})
+        key = (family.positions(e), e.device.type)
+        route = routes.get(key)
+        if route is None:
+            route = routes[key] = self.choose_route(key[0], family.population_call_macs(e.device))
+        if route == "product":
             return super().backward(family, e, x, weight, state, need)
         # the error population: ē = B^T e (or G^T e), per position and group. mix() applies
         # its argument transposed; G is symmetric, so its transpose view serves (no copy)
