@@ -188,7 +188,8 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: Feedba
         if node.noisy:
             return node.noisy_forward(LinearFamily, lambda t, b: _LINEAR(t, weight, bias if b else None), x, weight)
         return _LINEAR(x, weight, bias)
-    node.note_weight(weight)
+    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
+        node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
@@ -385,7 +386,8 @@ def feedback_conv(
     family = _family(node, weight, bias, (stride, padding, dilation, groups, None))
     if family.pre_pad is not None:
         x = F.pad(x, family.pre_pad)
-    node.note_weight(weight)
+    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
+        node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
@@ -411,7 +413,8 @@ def feedback_conv_transpose(
             return _noisy_conv(x, weight, bias, node, (stride, padding, dilation, groups, output_padding))
         return _CONV_T[weight.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
     family = _family(node, weight, bias, (stride, padding, dilation, groups, output_padding))
-    node.note_weight(weight)
+    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
+        node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():

@@ -63,9 +63,12 @@ def test_the_weight_follows_an_optimizer_step_without_a_forward():
 def test_the_weight_matches_what_the_forward_used():
     converted = pfa_fx.convert(_net(), rule="fa")
     converted(torch.randn(2, 3, 8, 8))
-    for name, node in _nodes(converted).items():
-        used = node.__dict__["_last_weight"]
-        assert torch.equal(node.weight, used), name
+    nodes = _nodes(converted)
+    for name in ("0", "2"):  # the standardized convs: the op notes the weight it computed
+        assert torch.equal(nodes[name].weight, nodes[name].__dict__["_last_weight"]), name
+    # the Linear's weight is its parameter: nothing to note, node.weight reads it
+    assert nodes["5"].__dict__["_last_weight"] is None
+    assert torch.equal(nodes["5"].weight, converted.get_parameter("5.weight"))
 
 
 @pytest.mark.parametrize("rule", ["fa", "sf", "kp", "pfa", "wm"])

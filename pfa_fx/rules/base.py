@@ -151,8 +151,11 @@ class FeedbackNode(nn.Module):
         return self.state()
 
     def note_weight(self, weight: Tensor) -> None:
-        # called by the op on every training call: straight into __dict__, where __init__'s
-        # plain attribute lives (nn.Module.__setattr__ would cost more than the rest of it)
+        # called by the op on training calls whose weight is not the parameter itself (a
+        # computed or transposed weight); straight into __dict__, where __init__'s plain
+        # attribute lives (nn.Module.__setattr__ would cost more than the rest of it). Not
+        # called for a plain parameter: under torch.compile the write would be a graph
+        # output per op, and node.weight reads the parameter anyway
         self.__dict__["_last_weight"] = weight.detach()
 
     def record_input(self, x: Tensor) -> None:

@@ -278,12 +278,17 @@ class PFANode(FeedbackNode):
 
     def backward(self, family, e, x, weight, state, need):
         (T,) = state
-        # the route depends only on the shape and device: chosen once per (positions, device)
-        routes = self.__dict__.setdefault("_routes", {})
+        # the route depends only on the shape and device: chosen once per (positions, device);
+        # while compiling, at trace time and kept nowhere (writing the node's __dict__ inside
+        # a traced backward would break the graph at every op)
         key = (family.positions(e), e.device.type)
-        route = routes.get(key)
-        if route is None:
-            route = routes[key] = self.choose_route(key[0], family.population_call_macs(e.device))
+        if torch.compiler.is_compiling():
+            route = self.choose_route(key[0], family.population_call_macs(e.device))
+        else:
+            routes = self.__dict__.setdefault("_routes", {})
+            route = routes.get(key)
+            if route is None:
+                route = routes[key] = self.choose_route(key[0], family.population_call_macs(e.device))
         if route == "product":
             return super().backward(family, e, x, weight, state, need)
         # the error population: ē = B^T e (or G^T e), per position and group. mix() applies
