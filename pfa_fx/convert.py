@@ -523,6 +523,7 @@ class _Rewriter:
                     x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
                     padding = 0
                 new = graph.call_function(ops.feedback_conv, (x, w, b, f, m.stride, padding, m.dilation, m.groups))
+        _between_graphs_if_untraceable(new, fb)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -582,6 +583,7 @@ class _Rewriter:
                         groups,
                     ),
                 )
+        _between_graphs_if_untraceable(new, fb)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -630,6 +632,7 @@ class _Rewriter:
         with graph.inserting_before(node):
             w = src if pt is not None else graph.call_method("t", (src,))
             new = graph.call_function(ops.feedback_linear, (x, w, None, self._feedback_attr(graph, key)))
+        _between_graphs_if_untraceable(new, fb)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -663,6 +666,13 @@ class _Hidden(NamedTuple):
     owner: nn.Module
     transposed: bool = False
     bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
+
+
+def _between_graphs_if_untraceable(call: fx.Node, fb: FeedbackNode) -> None:
+    """Point ``call`` at the op's out-of-graph version where the node's backward cannot be
+    traced ahead of time (``FeedbackNode.traceable_backward``: DFA)."""
+    if not fb.traceable_backward:
+        call.target = ops.BETWEEN_GRAPHS[call.target]
 
 
 def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:

@@ -90,6 +90,13 @@ def _apply_slow(fns: tuple[type, type], x: Tensor, *args) -> Tensor:
         return fn.apply(*cast)
 
 
+@torch.compiler.disable
+def _apply_between_graphs(fn: type, *args):
+    """``fn.apply(*args)`` outside any compiled graph, for nodes whose backward cannot be
+    traced ahead of time (``FeedbackNode.traceable_backward``)."""
+    return fn.apply(*args)
+
+
 def _state_wants_grad(bias: Tensor | None, node: FeedbackNode) -> bool:
     """Whether the bias or any of the node's own parameters (KP's ``B``, PFA's ``R``/``S``)
     requires grad: what the ops ask only when neither the input nor the weight does."""
@@ -194,6 +201,8 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: Feedba
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_LINEAR_FNS, x, weight, bias, node, *node.state())
+    if _compiling() and not node.traceable_backward:
+        return _apply_between_graphs(_FeedbackLinear, x, weight, bias, node, *node.state())
     return _FeedbackLinear.apply(x, weight, bias, node, *node.state())
 
 
@@ -392,6 +401,8 @@ def feedback_conv(
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
+    if _compiling() and not node.traceable_backward:
+        return _apply_between_graphs(_FeedbackConv, x, weight, bias, node, family, *node.state())
     return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
 
 
@@ -419,7 +430,17 @@ def feedback_conv_transpose(
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
+    if _compiling() and not node.traceable_backward:
+        return _apply_between_graphs(_FeedbackConv, x, weight, bias, node, family, *node.state())
     return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
+
+
+#: the ops a converted graph calls
+OP_FUNCTIONS = (feedback_linear, feedback_conv, feedback_conv_transpose)
+#: their versions that torch.compile leaves out of its graphs: the pass calls these for nodes
+#: whose backward cannot be traced ahead of time (DFA), so that the graph breaks cleanly at
+#: the call instead of failing inside the op and recompiling it per shape
+BETWEEN_GRAPHS = {f: torch.compiler.disable(f) for f in OP_FUNCTIONS}
 
 
 # ------------------------------------------------------------- expert-mixed kernels

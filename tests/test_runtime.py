@@ -159,3 +159,23 @@ def test_table1_rules_under_bf16_autocast_keep_the_native_forward_and_fp32_grads
     loss.backward()
     for name, p in gm.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_dfa_ops_run_between_compiled_graphs_without_recompiling():
+    # DFA's backward reads the output error captured during the backward, so dynamo cannot
+    # trace it ahead of time: each op is a deliberate break at its call, the rest compiles,
+    # and no op frame is retraced per shape (which would hit dynamo's recompile limit)
+    from torch._dynamo.utils import counters
+
+    gm = pfa_fx.convert(torchvision.models.resnet18(num_classes=10), "dfa")
+    ops_n = len(list(pfa_fx.feedback_modules(gm)))
+    torch._dynamo.reset()
+    counters.clear()
+    explained = torch._dynamo.explain(gm)(torch.randn(2, 3, 32, 32))
+    assert 0 < explained.graph_break_count <= ops_n  # at most one per op
+    assert all("disable" in str(r.reason) for r in explained.break_reasons)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(gm, backend="aot_eager")
+    compiled(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters["stats"]["unique_graphs"] <= ops_n + 1  # retraced op frames would add more

@@ -88,6 +88,10 @@ class FeedbackNode(nn.Module):
     #: whether the rule has a W-shaped ``W_b`` (DFA's feedback is a projection of the
     #: output error instead: :func:`pfa_fx.alignment` leaves such ops out)
     has_feedback_weight: ClassVar[bool] = True
+    #: whether torch.compile may trace the op's backward ahead of time; DFA's reads the
+    #: output error captured during the backward itself, so its ops run between compiled
+    #: graphs (one deliberate break per op instead of failed traces and recompiles)
+    traceable_backward: ClassVar[bool] = True
     #: whether the op hands its input to :meth:`record_input` on every training call (PAL)
     records_input: ClassVar[bool] = False
     #: set while a rule runs its own no-grad pass through the model (PAL's noisy pass):

@@ -133,6 +133,7 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
 
 class DFANode(FeedbackNode):
     rule = "dfa"
+    traceable_backward = False  # the output error exists only during the backward
     options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
     has_feedback_weight = False
 

@@ -193,7 +193,7 @@ def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
     graph: fx.Graph | None = graphs[True] if graphs else getattr(model, "graph", None)
     if graph is None:
         return
-    weight_ops = (ops.feedback_linear, ops.feedback_conv, ops.feedback_conv_transpose)
+    weight_ops = (*ops.OP_FUNCTIONS, *ops.BETWEEN_GRAPHS.values())
     op_key: dict[fx.Node, str] = {}
     opaque: set[fx.Node] = set()
     for n in graph.nodes:
