@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything GPU-specific in one short run (CUDA correctness, bf16 autocast, torch.compile,
-# step-time ratios). Usage on a GPU machine: bash benchmarks/gpu_check.sh; results are
-# appended to $OUT/gpu_results.md (or benchmarks/gpu_results.md).
+# step-time ratios, eager vs compiled). Usage on a GPU machine: bash benchmarks/gpu_check.sh;
+# results are appended to $OUT/gpu_results.md (or benchmarks/gpu_results.md).
+# About 8 minutes on one H100/H200: every compiled row is capped by `timeout` (a row cut off
+# leaves a line saying so instead of its table), the repeats are few where compiling dominates.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # the lent GPU machines have torch, torchvision and timm under `python3` but no pfa_fx
@@ -9,12 +11,36 @@ cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks}/gpu_results.md"
+start=$SECONDS
 "$py" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out"
 "$py" -m pytest -q tests/test_gpu.py tests/test_runtime.py 2>&1 | tail -5 | tee -a "$out"
-common=(--device cuda --size 224 --batch 128 --repeats 15 --warmup 3 --out "$out"
+
+# run LIMIT_S ARGS...: one step_time.py row, cut off after LIMIT_S seconds
+run() {
+    local limit=$1
+    shift
+    timeout "$limit" "$py" benchmarks/step_time.py --device cuda --out "$out" "$@" ||
+        echo "step_time.py $* stopped (exit $?; limit ${limit} s) after $((SECONDS - start)) s in all" | tee -a "$out"
+}
+
+# eager, every PFA form: ~1 min
+common=(--size 224 --batch 128 --repeats 10 --warmup 3
         --variants bp bp+state fa sf kp pfa-compact pfa pfa-product pfa-x1 pfa-population)
-"$py" benchmarks/step_time.py --models resnet18 "${common[@]}"
-"$py" benchmarks/step_time.py --models resnet18 --amp bf16 --channels-last "${common[@]}"
-"$py" benchmarks/step_time.py --models resnet50 vit_small convnext_tiny --variants bp fa kp pfa-compact pfa \
-    --device cuda --size 224 --batch 64 --repeats 10 --warmup 2 --amp bf16 --out "$out"
+run 120 --models resnet18 "${common[@]}"
+run 120 --models resnet18 --amp bf16 --channels-last "${common[@]}"
+
+# eager vs compiled (default and reduce-overhead), batch 64 bf16: ratios to BP of the same
+# mode, × eager, launch-bound check per mode; one model per row so that each row's table
+# survives a cut-off in the next (~4.5 min)
+compiled=(--size 224 --batch 64 --amp bf16 --variants bp fa pfa-compact --compare-compiled
+          --compile-mode default reduce-overhead --warmup 2 --repeats 6)
+run 100 --models resnet50 "${compiled[@]}"
+run 80 --models vit_small "${compiled[@]}"
+run 100 --models convnext_tiny "${compiled[@]}"
+
+# batch 256 ResNet-50 bf16, eager and compiled (default): is the gap a fixed per-op cost
+# (shrinks with the batch) or proportional work (stays)? (~1.5 min)
+run 100 --models resnet50 --size 224 --batch 256 --amp bf16 --channels-last --variants bp fa kp pfa-compact \
+    --compare-compiled --compile-mode default --warmup 2 --repeats 5
+echo "gpu_check.sh: $((SECONDS - start)) s" | tee -a "$out"

@@ -99,6 +99,8 @@ COLORS: dict[str, str] = _PALETTE | {
 }
 CSV_HEADER = ("seed", "rule", "epoch", "metric", "layer", "depth", "value")
 CHECKPOINT = "checkpoint.pt"  # in --out
+# torch.compile modes --compile accepts (``--compile`` alone: "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 Row = tuple[int, str, int, str, str, str, float]
 
 
@@ -141,7 +143,7 @@ def add_common_args(p: argparse.ArgumentParser, d: Defaults) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast the training forward to bf16")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE", help=f"torch.compile the training model; MODE: {', '.join(COMPILE_MODES)} (default when left out)")  # fmt: skip
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (CUDA only), applied before convert")  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per process (default: torch's; smoke: 1)"
@@ -285,6 +287,11 @@ def main_first(d: Dist, fn: Callable[[], Any]) -> Any:
     if not d.main:
         out = fn()
     return out
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(model)`` in ``mode`` (``"default"``: torch's default mode)."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def _ddp(model: nn.Module, d: Dist) -> nn.Module:
@@ -770,7 +777,7 @@ def train_rule(
     model = _ddp(gm, d) if d.distributed else gm
     if state is not None:  # after DDP, whose construction copies rank 0's buffers to every rank
         _load_rank_buffers(gm, state["ranks"][d.rank]["buffers"])
-    step_model = torch.compile(model) if args.compile else model
+    step_model = compile_model(model, args.compile) if args.compile else model
 
     per_rank = max(1, args.batch_size // d.world)
     sampler = EpochSampler(task.train_set, d, args.seed)
