@@ -7,7 +7,7 @@ weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa`
 
 from .checkpoint import conversion_config
 from .convert import ConvertedModule, TraceError, convert, feedback_modules, op_names
-from .errors import ConversionError
+from .errors import ConversionError, ConversionTypeError
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
 from .report import ConversionReport, report
@@ -20,6 +20,7 @@ __all__ = [
     "AlignmentLogger",
     "ConversionError",
     "ConversionReport",
+    "ConversionTypeError",
     "ConvertedModule",
     "FeedbackNode",
     "TraceError",

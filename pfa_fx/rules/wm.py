@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..errors import ConversionError
+from ..errors import ConversionError, ConversionTypeError
 from .fa import FANode
 
 #: default relaxation per step, ``learning rate × decay``: a time constant of 500 steps
@@ -187,6 +187,15 @@ def step_feedback(model: nn.Module) -> int:
     the noisy passes since the last one. Returns the number of ops updated."""
     from ..convert import feedback_modules
 
+    implicit = [name for name, node in feedback_modules(model) if getattr(node, "implicit", False)]
+    if implicit:
+        # its update needs the step's SGD hyperparameters, which this call does not have
+        raise ConversionTypeError(
+            f"step_feedback cannot update implicit Kolen–Pollack ops ({', '.join(implicit[:3])}"
+            f"{', ...' if len(implicit) > 3 else ''}): they follow torch.optim.SGD's step by themselves; "
+            "a loop that applies SGD by hand calls node.sgd_step(lr, momentum=..., dampening=..., "
+            "nesterov=..., weight_decay=..., first=...) on each of them after updating W"
+        )
     nodes = [node for _, node in feedback_modules(model) if isinstance(node, WMNode)]
     for node in nodes:
         node.after_optimizer_step()
