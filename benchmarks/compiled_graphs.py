@@ -44,16 +44,13 @@ default run takes about 8 minutes on two cores (most of it ViT-S).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import platform
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 
 import timm
 import torch
@@ -67,6 +64,11 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
 
 import pfa_fx
+
+try:
+    from _shared import cpu_name, emit
+except ImportError:  # imported as benchmarks.<script> from the repository root
+    from benchmarks._shared import cpu_name, emit
 
 # name -> (constructor, input size in px)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
@@ -206,13 +208,7 @@ def outputs_diff(g: Graphs, ref: Graphs) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
+    return f"{cpu_name()}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
 
 
 def run_model(model_name: str, variants: list[str], batch: int) -> tuple[list[str], list[str]]:
@@ -297,11 +293,7 @@ def main(argv: list[str] | None = None) -> str:
         break_rows += b
         diff_rows += d
     text = report(break_rows, diff_rows, args)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import platform
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,11 @@ from torch import nn
 import pfa_fx
 from pfa_fx import ops
 
+try:
+    from _shared import cpu_name, emit
+except ImportError:  # imported as benchmarks.<script> from the repository root
+    from benchmarks._shared import cpu_name, emit
+
 MODELS = ("test_vit", "test_convnext", "test_resnet")
 
 # name -> (rule, options)
@@ -65,6 +69,7 @@ RULES: dict[str, tuple[str, dict]] = {
     "fa": ("fa", {}),
     "sf": ("sf", {}),
     "kp": ("kp", {}),
+    "kp-implicit": ("kp", {"implicit": True}),
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
     "pfa": ("pfa", {"expansion": 10}),
     "dfa": ("dfa", {}),
@@ -221,13 +226,7 @@ def bench_model(name: str, args: argparse.Namespace, ref_ops) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
+    return f"{cpu_name()}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -266,11 +265,7 @@ def main(argv: list[str] | None = None) -> str:
     ref_ops = ops_at(args.ref) if args.ref else None
     rows = [r for m in args.models for r in bench_model(m, args, ref_ops)]
     text = table(rows, args)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -63,6 +62,11 @@ from torch import nn
 
 import pfa_fx
 from pfa_fx.convert import WEIGHT_MODULES
+
+try:
+    from _shared import cpu_name, emit
+except ImportError:  # imported as benchmarks.<script> from the repository root
+    from benchmarks._shared import cpu_name, emit
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=100),
@@ -82,6 +86,7 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "sf-frsf": ("sf", {"variant": "frsf"}),
     "sf-brsf": ("sf", {"variant": "brsf"}),
     "kp": ("kp", {}),
+    "kp-implicit": ("kp", {"implicit": True}),  # W_b = W + α·D0: no W-sized optimizer state (SGD only)
     "wm": ("wm", {}),  # one mirror step per op after each optimizer step
     "pal": ("pal", {}),  # a second, noisy forward without grad per step
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
@@ -279,12 +284,7 @@ def bound_note(name: str, bp: Variant, ops: int, x, y, amp, sync, args: argparse
 def machine(args: argparse.Namespace) -> str:
     if args.device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
@@ -363,11 +363,7 @@ def main(argv: list[str] | None = None) -> str:
         rows += r
         notes += n
     text = table(rows, notes, args)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":
