@@ -167,7 +167,14 @@ def test_the_configuration_is_recorded_and_ops_converted_on_one_side_only_are_na
     gm = pfa_fx.convert(net, "pfa", expansion=2, seed=3)
     assert pfa_fx.conversion_config(gm)["fc"] == {
         "rule": "pfa",
-        "options": {"expansion": 2, "compact": False, "route": "auto", "scale": "xavier", "density": 1.0},
+        "options": {
+            "expansion": 2,
+            "compact": False,
+            "route": "auto",
+            "scale": "xavier",
+            "density": 1.0,
+            "implicit": False,
+        },
         "seed": 3,
     }
     assert gm.state_dict()._metadata[""]["pfa_fx"]["ops"] == pfa_fx.conversion_config(gm)
@@ -345,7 +352,14 @@ def test_rule_names_are_case_insensitive():
 
 def test_a_node_reports_the_options_it_was_built_with():
     node = _nodes(pfa_fx.convert(MLP(), "pfa", expansion=2, compact=True, seed=4))["0"]
-    assert node.config == {"expansion": 2, "compact": True, "route": "auto", "scale": "xavier", "density": 1.0}
+    assert node.config == {
+        "expansion": 2,
+        "compact": True,
+        "route": "auto",
+        "scale": "xavier",
+        "density": 1.0,
+        "implicit": False,
+    }
     assert node.options["expansion"] == 10  # the class's defaults stay where they were
     assert node.seed == 4 and node.op_name == "0"
     assert "expansion=2, compact=True" in repr(node)

@@ -261,5 +261,7 @@ def test_a_checkpoint_of_the_other_form_is_refused():
 
 def test_step_feedback_refuses_implicit_kp_naming_the_ops_and_sgd_step():
     model = pfa_fx.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "kp", implicit=True)
-    with pytest.raises(pfa_fx.ConversionTypeError, match=r"implicit Kolen–Pollack ops \(0, 2\).*sgd_step"):
+    with pytest.raises(
+        pfa_fx.ConversionTypeError, match=r"implicit ops \(kp or compact pfa with implicit=True: 0, 2\).*sgd_step"
+    ):
         pfa_fx.step_feedback(model)

@@ -36,6 +36,25 @@ exactly what the dense rule always drew. :mod:`pfa_fx.theory` gives the path ali
 sparsity adds ``3(1/density - 1)/n̄`` to the effective ratio ``(n_out + 1)/n̄`` of the dense
 rule (``tan² θ ≈ λ_eff``), a finite-size effect that fades as the layer grows at fixed density.
 
+``compact=True, implicit=True`` (opt-in, SGD only) drops ``S`` as a parameter. Under
+``torch.optim.SGD`` with ``S`` in W's group, ``grad_S = grad_W`` leaves ``S - W`` only weight
+decay, so ``S(t) = W(t) + α(t)·(S0 - W0)`` with scalar ``α`` following SGD's recurrence, as
+for implicit Kolen–Pollack (:mod:`pfa_fx.rules.sgd_implicit` states the math and holds the
+machinery). The node keeps the buffer ``D0 = S0 - W`` (``S0`` the compact state drawn as
+for ``compact=True``, any ``density``) and ``alpha``/``beta``/``steps``; the backward uses
+``W_b = G·(W + α·D0)`` on the product route, and the kernel ``W + α·D0`` in place of ``S``
+for the gradient-input pass of the population route, and returns no state gradient.
+Nothing W-sized is a parameter, so nothing W-sized is accumulated, clipped or stepped.
+It equals ``compact=True`` (hence explicit PFA) under SGD with any lr schedule, momentum,
+dampening, nesterov, L2 weight decay and ``maximize``; a step of any other optimizer over
+W raises :class:`~pfa_fx.errors.ConversionTypeError` before anything is updated, and
+``implicit=True`` without ``compact=True`` is a :class:`~pfa_fx.ConversionError`. For
+``pfa-o`` it falls out as is (``W_b = S = W + α·D0``: implicit Kolen–Pollack started from
+``B·R0``) and is allowed. Caveats as for implicit KP: a frozen W leaves ``α`` (and the
+feedback) where it is; with a computed weight (weight standardization) ``D0`` is taken
+against the computed weight; ``pfa_fx.step_feedback`` refuses these ops (loops that apply
+SGD by hand call ``node.sgd_step``).
+
 ``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
 decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``. It accepts
 only ``density=1.0``: orthonormalizing the rows of a sparse ``B`` fills it in again.
@@ -54,6 +73,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import ConversionError, ConversionTypeError, did_you_mean
 from .base import FeedbackNode, feedback_std, xavier_std
+from .sgd_implicit import SGDImplicit
 
 ROUTES = ("auto", "product", "population")
 _SGD_EXACT = (torch.optim.SGD,)
@@ -122,8 +142,9 @@ def _watch_optimizers() -> None:
         _hook_handle = register_optimizer_step_pre_hook(_warn_if_not_sgd)
 
 
-class PFANode(FeedbackNode):
+class PFANode(SGDImplicit, FeedbackNode):
     rule = "pfa"
+    implicit_of = "S"
     plastic = True
     options: ClassVar[dict[str, Any]] = {
         "expansion": 10,
@@ -131,6 +152,7 @@ class PFANode(FeedbackNode):
         "route": "auto",
         "scale": "xavier",
         "density": 1.0,
+        "implicit": False,
     }
     compute_only_options: ClassVar[frozenset[str]] = frozenset({"route"})  # both routes: the same gradients
     orthonormal = False
@@ -147,8 +169,18 @@ class PFANode(FeedbackNode):
         transposed: bool = False,
         scale: str | float = "xavier",
         density: float = 1.0,
+        implicit: bool = False,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
+        if not isinstance(implicit, bool):
+            raise ConversionTypeError(f"{self.rule}: implicit must be True or False, got {implicit!r}")
+        if implicit and not compact:
+            raise ConversionError(
+                f"{self.rule}: implicit=True is a form of the compact state (W_b = G·S with S = W + α·D0): "
+                f"convert with compact=True as well, i.e. pfa_fx.convert(model, {self.rule!r}, compact=True, "
+                "implicit=True), or leave implicit out"
+            )
+        self.implicit = implicit
         if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
             raise ConversionTypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
         if expansion <= 0 or (self.orthonormal and expansion < 1):
@@ -202,6 +234,10 @@ class PFANode(FeedbackNode):
             BR = torch.bmm(B, self._grouped(R.double()))
             S = self._ungrouped(torch.linalg.solve(G, BR), self.weight_shape)  # G S0 = B R0, in float64
             self.register_buffer("G", G.to(**to))
+            if self.implicit:  # S = W + α·D0 (module docstring): D0 in place of the parameter S
+                with torch.no_grad():  # S from solve() is column-major: D0 made contiguous
+                    self.init_implicit(S.to(**to).contiguous() - weight.detach())
+                return
             # solve() returns column-major results: a non-contiguous S would cost a W-sized
             # reorder in every backward call and in every gradient accumulation
             self.S = nn.Parameter(S.to(**to).contiguous())
@@ -233,20 +269,28 @@ class PFANode(FeedbackNode):
 
     # -- the op's backward -------------------------------------------------------------
     def state(self) -> tuple[Tensor, ...]:
+        if self.implicit:
+            return (self.D0, self.alpha)
         return (self.S,) if self.compact else (self.R,)
 
     def _mixer(self) -> Tensor:
         """The fixed channel mix of the feedback path: ``G`` (compact) or ``B``."""
         return self.G if self.compact else self.B
 
+    def _state_tensor(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        """``S`` or ``R``; the implicit form's ``S = W + α·D0``."""
+        return self.implicit_state(weight, *state) if self.implicit else state[0]
+
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
-        (T,) = state  # S or R
+        T = self._state_tensor(weight, state)  # S or R
         if self.compact and self.orthonormal:
             return T  # G = B B^T = I: W_b = S, KP's cost (G is kept for inspection only)
         M = self._mixer().to(T.dtype)
         return self._ungrouped(torch.bmm(M, self._grouped(T)), self.weight_shape)
 
     def state_grads(self, grad_weight: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        if self.implicit:
+            return (None, None)  # D0 and alpha: no gradient (α follows the optimizer's steps)
         if self.compact:
             return (grad_weight,)  # grad_S = grad_W: G·S then moves exactly as B·R would
         B = self.B.to(grad_weight.dtype)
@@ -277,7 +321,6 @@ class PFANode(FeedbackNode):
         return "population" if population + call_macs < product else "product"
 
     def backward(self, family, e, x, weight, state, need):
-        (T,) = state
         # the route depends only on the shape and device: chosen once per (positions, device);
         # while compiling, at trace time and kept nowhere (writing the node's __dict__ inside
         # a traced backward would break the graph at every op)
@@ -295,6 +338,11 @@ class PFANode(FeedbackNode):
         # its argument transposed; G is symmetric, so its transpose view serves (no copy)
         M = (self.G.mT if self.compact else self.B).to(e.dtype)
         ebar = family.mix(e, M)
+        if self.implicit:
+            gx = family.fused(ebar, x, self.implicit_state(weight, *state), need.x, False, False)[0] if need.x else None
+            _, gw, gb = family.fused(e, x, weight, False, need.w, need.b)
+            return gx, gw, gb, (None, None)
+        (T,) = state
         if self.compact:
             gx = family.fused(ebar, x, T, need.x, False, False)[0]
             _, gw, gb = family.fused(e, x, weight, False, need.w or need.state, need.b)
@@ -306,6 +354,18 @@ class PFANode(FeedbackNode):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nbar={self.nbar}"
+
+    @property
+    def implicit_form(self) -> str:  # named in the refusal of a non-SGD optimizer
+        return f"the implicit compact form ({self.rule}, compact=True, implicit=True)"
+
+    @property
+    def explicit_conversion(self) -> str:
+        return f"pfa_fx.convert(model, {self.rule!r}, compact=True)"
+
+    @classmethod
+    def attach(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> None:
+        cls.rebase_on_computed_weights(node for _, node in nodes)
 
 
 class PFAONode(PFANode):

@@ -191,8 +191,9 @@ def step_feedback(model: nn.Module) -> int:
     if implicit:
         # its update needs the step's SGD hyperparameters, which this call does not have
         raise ConversionTypeError(
-            f"step_feedback cannot update implicit Kolen–Pollack ops ({', '.join(implicit[:3])}"
-            f"{', ...' if len(implicit) > 3 else ''}): they follow torch.optim.SGD's step by themselves; "
+            f"step_feedback cannot update implicit ops (kp or compact pfa with implicit=True: "
+            f"{', '.join(implicit[:3])}{', ...' if len(implicit) > 3 else ''}): they follow torch.optim.SGD's "
+            "step by themselves; "
             "a loop that applies SGD by hand calls node.sgd_step(lr, momentum=..., dampening=..., "
             "nesterov=..., weight_decay=..., first=...) on each of them after updating W"
         )
