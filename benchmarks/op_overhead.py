@@ -71,6 +71,7 @@ RULES: dict[str, tuple[str, dict]] = {
     "kp": ("kp", {}),
     "kp-implicit": ("kp", {"implicit": True}),
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
+    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),
     "pfa": ("pfa", {"expansion": 10}),
     "dfa": ("dfa", {}),
     "wm": ("wm", {}),

@@ -90,6 +90,7 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "wm": ("wm", {}),  # one mirror step per op after each optimizer step
     "pal": ("pal", {}),  # a second, noisy forward without grad per step
     "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
+    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),  # SGD only
     "pfa": ("pfa", {"expansion": 10}),
     "pfa-product": ("pfa", {"expansion": 10, "route": "product"}),
     "pfa-x1": ("pfa", {"expansion": 1}),
