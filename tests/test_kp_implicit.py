@@ -10,27 +10,13 @@ from torch import nn
 import pfa_fx
 from pfa_fx.errors import ConversionError, ConversionTypeError
 from tests.nets import MLP
+from tests.sgd_runs import NETS, ConvNet
+from tests.sgd_runs import nodes as _nodes
+from tests.sgd_runs import rel as _rel
+from tests.sgd_runs import sgd as _sgd
+from tests.sgd_runs import train as _train
 
 DT = torch.float64
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.grouped = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False)
-        self.fc = nn.Linear(8 * 4 * 4, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x))
-        x = torch.relu(self.grouped(x))
-        return self.fc(x.flatten(1))
-
-
-NETS = {
-    "mlp": (lambda: MLP((20, 16, 12, 4)), (6, 20)),
-    "conv": (ConvNet, (4, 3, 8, 8)),
-}
 
 
 def _pair(net: str):
@@ -40,30 +26,6 @@ def _pair(net: str):
     explicit = pfa_fx.convert(copy.deepcopy(native), "kp", seed=5)
     implicit = pfa_fx.convert(copy.deepcopy(native), "kp", seed=5, implicit=True)
     return native, explicit, implicit, shape
-
-
-def _nodes(gm):
-    return dict(pfa_fx.feedback_modules(gm))
-
-
-def _sgd(model, **kw):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, **kw)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-
-
-def _train(model, opt, sched, batches):
-    for i, x in enumerate(batches):
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        sched.step()
-        if i == 6:  # a manual change on top of the schedule
-            for g in opt.param_groups:
-                g["lr"] *= 3
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("net", ["mlp", "conv"])

@@ -11,13 +11,13 @@ from torch import nn
 import pfa_fx
 from pfa_fx.errors import ConversionError, ConversionTypeError
 from tests.nets import MLP
-from tests.test_kp_implicit import ConvNet
+from tests.sgd_runs import NETS, ConvNet
+from tests.sgd_runs import nodes as _nodes
+from tests.sgd_runs import rel as _rel
+from tests.sgd_runs import sgd as _sgd
+from tests.sgd_runs import train as _train
 
 DT = torch.float64
-NETS = {
-    "mlp": (lambda: MLP((20, 16, 12, 4)), (6, 20)),
-    "conv": (ConvNet, (4, 3, 8, 8)),  # a plain conv, a grouped conv (groups=2) and a linear layer
-}
 
 
 def _pair(net: str, rule: str = "pfa", **options):
@@ -28,30 +28,6 @@ def _pair(net: str, rule: str = "pfa", **options):
     explicit = pfa_fx.convert(copy.deepcopy(native), rule, seed=5, **opts)
     implicit = pfa_fx.convert(copy.deepcopy(native), rule, seed=5, implicit=True, **opts)
     return native, explicit, implicit, shape
-
-
-def _nodes(gm):
-    return dict(pfa_fx.feedback_modules(gm))
-
-
-def _sgd(model, **kw):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, **kw)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-
-
-def _train(model, opt, sched, batches):
-    for i, x in enumerate(batches):
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        sched.step()
-        if i == 6:  # a manual change on top of the schedule
-            for g in opt.param_groups:
-                g["lr"] *= 3
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _assert_trained_alike(explicit, implicit, steps=10):
