@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the machine line of their tables and how a table is
-printed and appended to ``--out``. Imported as ``_shared`` (the scripts run as
+"""What the benchmark scripts share: the converted variants they name, the machine line of
+their tables and how a table is printed and appended to ``--out``. Imported as ``_shared`` (the scripts run as
 ``python benchmarks/<script>.py``, which puts this folder on ``sys.path``) or as
 ``benchmarks._shared`` (imported from the repository root)."""
 
@@ -7,6 +7,22 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+
+#: variant name -> (rule, options) for pfa_fx.convert; "bp" is BP through the converted ops
+RULES: dict[str, tuple[str, dict]] = {
+    "bp": ("bp", {}),
+    "fa": ("fa", {}),
+    "sf": ("sf", {}),
+    "kp": ("kp", {}),
+    "kp-implicit": ("kp", {"implicit": True}),
+    "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
+    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),
+    "pfa": ("pfa", {"expansion": 10}),
+    "pfa-o": ("pfa-o", {}),
+    "dfa": ("dfa", {}),
+    "wm": ("wm", {}),
+    "pal": ("pal", {}),
+}
 
 
 def cpu_name() -> str:

@@ -66,9 +66,9 @@ from torch._inductor.decomposition import select_decomp_table
 import pfa_fx
 
 try:
-    from _shared import cpu_name, emit
+    from _shared import RULES, cpu_name, emit
 except ImportError:  # imported as benchmarks.<script> from the repository root
-    from benchmarks._shared import cpu_name, emit
+    from benchmarks._shared import RULES, cpu_name, emit
 
 # name -> (constructor, input size in px)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
@@ -79,21 +79,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     ),
 }
 
-# name -> (rule, options)
-RULES: dict[str, tuple[str, dict]] = {
-    "fa": ("fa", {}),
-    "sf": ("sf", {}),
-    "kp": ("kp", {}),
-    "kp-implicit": ("kp", {"implicit": True}),
-    "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
-    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),
-    "pfa": ("pfa", {"expansion": 10}),
-    "pfa-o": ("pfa-o", {}),
-    "dfa": ("dfa", {}),
-    "wm": ("wm", {}),
-    "pal": ("pal", {}),
-    "bp": ("bp", {}),
-}
 DEFAULT_RULES = ["fa", "sf", "kp", "pfa-compact", "dfa", "wm", "pal"]
 BP = "native BP"
 REASON_CHARS = 100

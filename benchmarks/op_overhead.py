@@ -57,26 +57,12 @@ import pfa_fx
 from pfa_fx import ops
 
 try:
-    from _shared import cpu_name, emit
+    from _shared import RULES, cpu_name, emit
 except ImportError:  # imported as benchmarks.<script> from the repository root
-    from benchmarks._shared import cpu_name, emit
+    from benchmarks._shared import RULES, cpu_name, emit
 
 MODELS = ("test_vit", "test_convnext", "test_resnet")
 
-# name -> (rule, options)
-RULES: dict[str, tuple[str, dict]] = {
-    "bp": ("bp", {}),
-    "fa": ("fa", {}),
-    "sf": ("sf", {}),
-    "kp": ("kp", {}),
-    "kp-implicit": ("kp", {"implicit": True}),
-    "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
-    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),
-    "pfa": ("pfa", {"expansion": 10}),
-    "dfa": ("dfa", {}),
-    "wm": ("wm", {}),
-    "pal": ("pal", {}),
-}
 _OP_NAMES = ("feedback_linear", "feedback_conv", "feedback_conv_transpose", "feedback_expert_mix")
 ROOT = Path(__file__).resolve().parent.parent
 
