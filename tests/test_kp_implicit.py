@@ -10,7 +10,7 @@ from torch import nn
 import pfa_fx
 from pfa_fx.errors import ConversionError, ConversionTypeError
 from tests.nets import MLP
-from tests.sgd_runs import NETS, ConvNet
+from tests.sgd_runs import NETS, ConvNet, check_float64_scalars_and_a_lone_copy, resumes_exactly
 from tests.sgd_runs import nodes as _nodes
 from tests.sgd_runs import rel as _rel
 from tests.sgd_runs import sgd as _sgd
@@ -105,24 +105,9 @@ def test_forward_is_native_and_first_gradients_are_explicit_kps(net):
 
 def test_a_checkpoint_mid_training_resumes_exactly():
     _, _, a, shape = _pair("conv")
-    torch.manual_seed(3)
-    batches = [torch.randn(shape, dtype=DT) for _ in range(8)]
-    opt_a, sched_a = _sgd(a, nesterov=True)
-    _train(a, opt_a, sched_a, batches[:4])
-    saved = (copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict()), sched_a.state_dict())
-    assert {"alpha", "beta", "steps", "D0"} <= {k.rpartition(".")[2] for k in saved[0]}
     # a fresh conversion of another model with another seed: everything comes from the checkpoint
-    b = pfa_fx.convert(ConvNet().double(), "kp", seed=9, implicit=True)
-    opt_b, sched_b = _sgd(b, nesterov=True)
-    b.load_state_dict(saved[0])
-    opt_b.load_state_dict(saved[1])
-    sched_b.load_state_dict(saved[2])
-    _train(a, opt_a, sched_a, batches[4:])
-    _train(b, opt_b, sched_b, batches[4:])
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    saved = resumes_exactly(a, lambda: pfa_fx.convert(ConvNet().double(), "kp", seed=9, implicit=True), shape)
+    assert {"alpha", "beta", "steps", "D0"} <= {k.rpartition(".")[2] for k in saved}
     assert float(_nodes(a)["fc"].alpha) != 1.0
 
 
@@ -181,14 +166,7 @@ def test_default_is_explicit_kp_unchanged():
 
 def test_alpha_stays_float64_and_copies_keep_learning():
     _, _, implicit, shape = _pair("mlp")
-    f32 = copy.deepcopy(implicit).float()
-    n = _nodes(f32)["0"]
-    assert n.alpha.dtype == DT and n.D0.dtype == torch.float32
-    opt = torch.optim.SGD(f32.parameters(), lr=0.1, weight_decay=0.1)
-    f32(torch.randn(shape)).sum().backward()
-    opt.step()
-    assert int(n.steps) == 1 and float(n.alpha) == 1 - 0.1 * 0.1
-    assert int(_nodes(implicit)["0"].steps) == 0  # the original was not stepped
+    check_float64_scalars_and_a_lone_copy(implicit, shape)
 
 
 def test_a_hand_written_sgd_loop_calls_sgd_step():

@@ -11,7 +11,7 @@ from torch import nn
 import pfa_fx
 from pfa_fx.errors import ConversionError, ConversionTypeError
 from tests.nets import MLP
-from tests.sgd_runs import NETS, ConvNet
+from tests.sgd_runs import NETS, ConvNet, check_float64_scalars_and_a_lone_copy, resumes_exactly
 from tests.sgd_runs import nodes as _nodes
 from tests.sgd_runs import rel as _rel
 from tests.sgd_runs import sgd as _sgd
@@ -102,24 +102,12 @@ def test_forward_is_native_and_both_routes_give_compact_pfas_gradients(net):
 @pytest.mark.parametrize("route", ["product", "population"])
 def test_a_checkpoint_mid_training_resumes_exactly(route):
     _, _, a, shape = _pair("conv", route=route)
-    torch.manual_seed(3)
-    batches = [torch.randn(shape, dtype=DT) for _ in range(8)]
-    opt_a, sched_a = _sgd(a, nesterov=True)
-    _train(a, opt_a, sched_a, batches[:4])
-    saved = (copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict()), sched_a.state_dict())
-    assert {"alpha", "beta", "steps", "D0", "G"} <= {k.rpartition(".")[2] for k in saved[0]}
-    # another model converted with the same options: everything comes from the checkpoint
-    b = pfa_fx.convert(ConvNet().double(), "pfa", seed=5, expansion=4, compact=True, implicit=True, route=route)
-    opt_b, sched_b = _sgd(b, nesterov=True)
-    b.load_state_dict(saved[0])
-    opt_b.load_state_dict(saved[1])
-    sched_b.load_state_dict(saved[2])
-    _train(a, opt_a, sched_a, batches[4:])
-    _train(b, opt_b, sched_b, batches[4:])
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+
+    def fresh():  # another model converted with the same options: everything comes from the checkpoint
+        return pfa_fx.convert(ConvNet().double(), "pfa", seed=5, expansion=4, compact=True, implicit=True, route=route)
+
+    saved = resumes_exactly(a, fresh, shape)
+    assert {"alpha", "beta", "steps", "D0", "G"} <= {k.rpartition(".")[2] for k in saved}
     assert float(_nodes(a)["fc"].alpha) != 1.0 and int(_nodes(a)["fc"].steps) == 8
 
 
@@ -171,14 +159,7 @@ def test_implicit_needs_compact_and_a_bool():
 
 def test_alpha_stays_float64_and_a_copy_keeps_learning_alone():
     _, _, implicit, shape = _pair("mlp")
-    f32 = copy.deepcopy(implicit).float()
-    n = _nodes(f32)["0"]
-    assert n.alpha.dtype == DT and n.D0.dtype == torch.float32
-    opt = torch.optim.SGD(f32.parameters(), lr=0.1, weight_decay=0.1)
-    f32(torch.randn(shape)).sum().backward()
-    opt.step()
-    assert int(n.steps) == 1 and float(n.alpha) == 1 - 0.1 * 0.1
-    assert int(_nodes(implicit)["0"].steps) == 0
+    check_float64_scalars_and_a_lone_copy(implicit, shape)
 
 
 def test_a_checkpoint_of_the_other_compact_form_is_refused_naming_both():
