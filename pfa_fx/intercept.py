@@ -76,11 +76,19 @@ def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, Fee
         node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
         if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):
             return func(*args, **kwargs)  # not a routed weight (or a slice of one): stays native
+    op = (
+        ops.feedback_linear
+        if func in _LINEAR
+        else ops.feedback_conv_transpose
+        if func in _CONV_T
+        else ops.feedback_conv
+    )
+    if not node.traceable_backward:  # DFA: outside compiled graphs, as the pass calls it
+        op = ops.BETWEEN_GRAPHS[op]
     if func in _LINEAR:
-        return ops.feedback_linear(bound["input"], weight, bound.get("bias"), node)
+        return op(bound["input"], weight, bound.get("bias"), node)
     defaults = _CONV_T_DEFAULTS if func in _CONV_T else _CONV_DEFAULTS
     rest = (bound.get(k, d) for k, d in defaults.items())
-    op = ops.feedback_conv_transpose if func in _CONV_T else ops.feedback_conv
     return op(bound["input"], weight, bound.get("bias"), node, *rest)
 
 

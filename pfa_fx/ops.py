@@ -90,13 +90,6 @@ def _apply_slow(fns: tuple[type, type], x: Tensor, *args) -> Tensor:
         return fn.apply(*cast)
 
 
-@torch.compiler.disable
-def _apply_between_graphs(fn: type, *args):
-    """``fn.apply(*args)`` outside any compiled graph, for nodes whose backward cannot be
-    traced ahead of time (``FeedbackNode.traceable_backward``)."""
-    return fn.apply(*args)
-
-
 def _state_wants_grad(bias: Tensor | None, node: FeedbackNode) -> bool:
     """Whether the bias or any of the node's own parameters (KP's ``B``, PFA's ``R``/``S``)
     requires grad: what the ops ask only when neither the input nor the weight does."""
@@ -195,14 +188,11 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: Feedba
         if node.noisy:
             return node.noisy_forward(LinearFamily, lambda t, b: _LINEAR(t, weight, bias if b else None), x, weight)
         return _LINEAR(x, weight, bias)
-    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
-        node.note_weight(weight)
+    node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_LINEAR_FNS, x, weight, bias, node, *node.state())
-    if _compiling() and not node.traceable_backward:
-        return _apply_between_graphs(_FeedbackLinear, x, weight, bias, node, *node.state())
     return _FeedbackLinear.apply(x, weight, bias, node, *node.state())
 
 
@@ -395,14 +385,11 @@ def feedback_conv(
     family = _family(node, weight, bias, (stride, padding, dilation, groups, None))
     if family.pre_pad is not None:
         x = F.pad(x, family.pre_pad)
-    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
-        node.note_weight(weight)
+    node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
-    if _compiling() and not node.traceable_backward:
-        return _apply_between_graphs(_FeedbackConv, x, weight, bias, node, family, *node.state())
     return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
 
 
@@ -424,22 +411,20 @@ def feedback_conv_transpose(
             return _noisy_conv(x, weight, bias, node, (stride, padding, dilation, groups, output_padding))
         return _CONV_T[weight.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
     family = _family(node, weight, bias, (stride, padding, dilation, groups, output_padding))
-    if weight is not node._weight_ref[0]:  # computed (StdConv), transposed or replaced
-        node.note_weight(weight)
+    node.note_weight(weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
-    if _compiling() and not node.traceable_backward:
-        return _apply_between_graphs(_FeedbackConv, x, weight, bias, node, family, *node.state())
     return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
 
 
 #: the ops a converted graph calls
 OP_FUNCTIONS = (feedback_linear, feedback_conv, feedback_conv_transpose)
-#: their versions that torch.compile leaves out of its graphs: the pass calls these for nodes
-#: whose backward cannot be traced ahead of time (DFA), so that the graph breaks cleanly at
-#: the call instead of failing inside the op and recompiling it per shape
+#: their versions that torch.compile leaves out of its graphs: the pass (and the run-time
+#: interception) calls these for nodes whose backward cannot be traced ahead of time (DFA),
+#: so that the graph breaks cleanly at the call instead of failing inside the op and
+#: recompiling it per shape
 BETWEEN_GRAPHS = {f: torch.compiler.disable(f) for f in OP_FUNCTIONS}
 
 

@@ -155,12 +155,13 @@ class FeedbackNode(nn.Module):
         return self.state()
 
     def note_weight(self, weight: Tensor) -> None:
-        # called by the op on training calls whose weight is not the parameter itself (a
-        # computed or transposed weight); straight into __dict__, where __init__'s plain
-        # attribute lives (nn.Module.__setattr__ would cost more than the rest of it). Not
-        # called for a plain parameter: under torch.compile the write would be a graph
-        # output per op, and node.weight reads the parameter anyway
-        self.__dict__["_last_weight"] = weight.detach()
+        # called by the op on every training call; kept only for a weight that is not the
+        # parameter itself (computed, e.g. StdConv; transposed; or a replaced parameter):
+        # node.weight reads a plain parameter anyway, and under torch.compile the write
+        # would be one graph output per op. Straight into __dict__, where __init__'s plain
+        # attribute lives (nn.Module.__setattr__ would cost more than the rest of it)
+        if weight is not self._weight_ref[0]:
+            self.__dict__["_last_weight"] = weight.detach()
 
     def record_input(self, x: Tensor) -> None:
         """Called with the op's input on training calls when :attr:`records_input` is set."""
