@@ -523,10 +523,7 @@ class _Rewriter:
                     x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
                     padding = 0
                 new = graph.call_function(ops.feedback_conv, (x, w, b, f, m.stride, padding, m.dilation, m.groups))
-        _between_graphs_if_untraceable(new, fb)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _replace_call(graph, node, new, fb)
 
     def _rewrite_function_call(self, graph: fx.Graph, node: fx.Node) -> None:
         is_linear = node.target in _LINEAR_FNS
@@ -583,10 +580,7 @@ class _Rewriter:
                         groups,
                     ),
                 )
-        _between_graphs_if_untraceable(new, fb)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _replace_call(graph, node, new, fb)
 
     def _rewrite_matmul_with_parameter(self, graph: fx.Graph, node: fx.Node) -> None:
         """``x @ Pᵀ`` with a 2-D parameter ``P`` (the relative-position tables of
@@ -632,10 +626,7 @@ class _Rewriter:
         with graph.inserting_before(node):
             w = src if pt is not None else graph.call_method("t", (src,))
             new = graph.call_function(ops.feedback_linear, (x, w, None, self._feedback_attr(graph, key)))
-        _between_graphs_if_untraceable(new, fb)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _replace_call(graph, node, new, fb)
         if pt is not None:
             graph.erase_node(pt)
 
@@ -653,9 +644,7 @@ class _Rewriter:
                 new = graph.call_function(intercept.call_with_feedback, args, dict(node.kwargs))
             else:
                 new = graph.call_function(intercept.routed(node.target), (ns, pairs, *node.args), dict(node.kwargs))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _replace_call(graph, node, new)
 
 
 class _Hidden(NamedTuple):
@@ -668,11 +657,15 @@ class _Hidden(NamedTuple):
     bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
 
 
-def _between_graphs_if_untraceable(call: fx.Node, fb: FeedbackNode) -> None:
-    """Point ``call`` at the op's out-of-graph version where the node's backward cannot be
-    traced ahead of time (``FeedbackNode.traceable_backward``: DFA)."""
-    if not fb.traceable_backward:
-        call.target = ops.BETWEEN_GRAPHS[call.target]
+def _replace_call(graph: fx.Graph, old: fx.Node, new: fx.Node, fb: FeedbackNode | None = None) -> None:
+    """``new`` takes ``old``'s place (uses and metadata). A feedback op whose node's backward
+    cannot be traced ahead of time (``FeedbackNode.traceable_backward``: DFA) calls the op's
+    version that torch.compile leaves out of its graphs."""
+    if fb is not None and not fb.traceable_backward:
+        new.target = ops.BETWEEN_GRAPHS[new.target]
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
 
 
 def _hidden_weights(m: nn.Module, path: str) -> list[_Hidden]:
