@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 import pfa_fx
 from pfa_fx.audit import weights_on_backprop
-from pfa_fx.convert import WEIGHT_MODULES
+from pfa_fx.weights import WEIGHT_MODULES
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CSV = HERE / "coverage.csv"

@@ -61,7 +61,7 @@ import torchvision
 from torch import nn
 
 import pfa_fx
-from pfa_fx.convert import WEIGHT_MODULES
+from pfa_fx.weights import WEIGHT_MODULES
 
 try:
     from _shared import cpu_name, emit

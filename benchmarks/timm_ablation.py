@@ -101,7 +101,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import pfa_fx
-from pfa_fx.convert import NAMESPACE
+from pfa_fx.registry import NAMESPACE
 
 RULES = list(pfa_fx.RULES)  # every rule is available through --rules
 DEFAULT_RULES = ["bp", "fa", "kp", "pfa", "pfa-o", "sf", "dfa", "wm", "pal"]

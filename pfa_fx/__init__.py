@@ -6,12 +6,15 @@ weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa`
 """
 
 from .checkpoint import conversion_config
-from .convert import ConvertedModule, TraceError, convert, feedback_modules, op_names
-from .errors import ConversionError, ConversionTypeError
+from .convert import convert, op_names
+from .errors import ConversionError, ConversionTypeError, TraceError
+from .graph_module import ConvertedModule
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
+from .node import FeedbackNode
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
+from .registry import feedback_modules
 from .report import ConversionReport, report
-from .rules import RULES, FeedbackNode, mirror, step_feedback
+from .rules import RULES, mirror, step_feedback
 
 __version__ = "0.1.0"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .convert import NAMESPACE
+from .registry import NAMESPACE
 
 # autograd nodes of the standard weight ops (their backward uses the weight's transpose)
 STANDARD_WEIGHT_OPS = {

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from .convert import NAMESPACE, _short_list, feedback_modules
-from .errors import ConversionError
-from .rules import FeedbackNode
+from .errors import ConversionError, short_list
+from .node import FeedbackNode
+from .registry import NAMESPACE, feedback_modules
 
 #: where a converted model's state_dict records its conversion (PyTorch's per-module metadata)
 CHECKPOINT_KEY = "pfa_fx"
@@ -29,7 +29,8 @@ def conversion_config(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: _op_config(node) for name, node in feedback_modules(model)}
 
 
-def _watch_checkpoints(model: nn.Module) -> None:
+def watch_checkpoints(model: nn.Module) -> None:
+    """Make ``model``'s ``state_dict`` record its conversion and ``load_state_dict`` check it."""
     # The configuration travels in the state_dict's metadata (where PyTorch keeps module
     # versions) rather than as extra state: state_dict values stay tensors plus the
     # counters some rules already kept, so tensor-only tooling (safetensors, EMA helpers,
@@ -38,7 +39,9 @@ def _watch_checkpoints(model: nn.Module) -> None:
     model.register_load_state_dict_pre_hook(_check_checkpoint)
 
 
-def _load_state_dict(module: nn.Module, load: Any, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+def load_state_dict_checked(
+    module: nn.Module, load: Any, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any
+) -> Any:
     """Run ``load`` with the caller's ``strict`` visible to :func:`_check_checkpoint`: PyTorch
     hands its hooks ``strict=True`` whatever the caller asked for."""
     strict = kwargs.get("strict", args[0] if args else True)
@@ -50,10 +53,11 @@ def _load_state_dict(module: nn.Module, load: Any, state_dict: Mapping[str, Any]
         module.__dict__["_pfa_load_strict"] = before
 
 
-def _eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+def eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """``load_state_dict`` of a model converted without a graph (bound to the instance)."""
     # the class's own load_state_dict (the model's override, if it has one), not this instance's
     load = types.MethodType(type(self).load_state_dict, self)
-    return _load_state_dict(self, load, state_dict, *args, **kwargs)
+    return load_state_dict_checked(self, load, state_dict, *args, **kwargs)
 
 
 def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
@@ -102,7 +106,7 @@ def _by_config(configs: Mapping[str, Mapping[str, Any] | None], ops: list[str]) 
     groups: dict[str, list[str]] = {}
     for op in ops:
         groups.setdefault(_render(configs.get(op)), []).append(op)
-    return [f"{desc} for {len(names)} op(s): {_short_list(names, 4)}" for desc, names in groups.items()]
+    return [f"{desc} for {len(names)} op(s): {short_list(names, 4)}" for desc, names in groups.items()]
 
 
 def _check_checkpoint(

@@ -1,5 +1,5 @@
-"""The errors ``convert`` raises for what it cannot accept, in a module of their own so that
-the rules (which ``convert`` imports) can raise them too."""
+"""The errors pfa_fx raises for what it cannot accept, and the helpers that word them. The
+bottom of the package: every other module may import it, it imports none of them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ class ConversionTypeError(ConversionError, TypeError):
     ``except ConversionError`` and, as before, by ``except TypeError``."""
 
 
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the module at fault."""
+
+
 def did_you_mean(word: object, choices: Iterable[str], n: int = 1) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""``."""
     if not isinstance(word, str):
@@ -31,4 +35,10 @@ def did_you_mean(word: object, choices: Iterable[str], n: int = 1) -> str:
     return "; did you mean " + " or ".join(repr(lowered[c]) for c in close) + "?"
 
 
-__all__ = ["ConversionError", "ConversionTypeError", "did_you_mean"]
+def short_list(names: list[str], n: int = 6) -> str:
+    """The first ``n`` names, then how many there are in all: lists in messages stay short."""
+    shown = ", ".join(names[:n])
+    return shown + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
+__all__ = ["ConversionError", "ConversionTypeError", "TraceError", "did_you_mean", "short_list"]

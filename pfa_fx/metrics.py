@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .convert import feedback_modules
+from .registry import feedback_modules
 
 
 def angle_and_norm_ratio(weight: Tensor, weight_b: Tensor) -> tuple[float, float]:

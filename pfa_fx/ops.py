@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _ntuple
 
-from .rules.base import FeedbackNode
+from .node import FeedbackNode
 
-# Bound once: pfa_fx.intercept may patch torch.nn.functional's names while opaque code runs.
+# Bound once: pfa_fx.capture.intercept may patch torch.nn.functional's names while opaque code runs.
 _LINEAR = torch._C._nn.linear
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _CONV_T = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rules import FeedbackNode
+from .node import FeedbackNode
 
 
 def _feedback_ids(model: nn.Module) -> set[int]:

@@ -10,9 +10,8 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import format_option
-from .convert import NAMESPACE, feedback_modules
-from .rules import FeedbackNode
-from .rules.base import xavier_std
+from .node import FeedbackNode, xavier_std
+from .registry import NAMESPACE, feedback_modules
 
 _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConversionError, did_you_mean
-from .base import FeedbackNode, seeded_generator, xavier_std
+from ..node import FeedbackNode, seeded_generator, xavier_std
 from .bp import BPNode
 from .dfa import DFANode
 from .fa import FANode

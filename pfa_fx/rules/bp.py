@@ -2,7 +2,7 @@
 
 from torch import Tensor
 
-from .base import FeedbackNode
+from ..node import FeedbackNode
 
 
 class BPNode(FeedbackNode):

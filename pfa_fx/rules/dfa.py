@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionError
-from .base import FeedbackNode, derived_seed
+from ..node import FeedbackNode, derived_seed
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
 CACHE_LIMIT = 1 << 22

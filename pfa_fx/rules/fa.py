@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import FeedbackNode, feedback_std
+from ..node import FeedbackNode, feedback_std
 
 
 class FANode(FeedbackNode):

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionTypeError
-from .base import FeedbackNode
+from ..node import FeedbackNode
 from .fa import FANode
 from .sgd_implicit import SGDImplicit
 

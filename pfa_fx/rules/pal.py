@@ -42,9 +42,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from .base import FeedbackNode
+from ..node import FeedbackNode
+from ..registry import NAMESPACE, op_readers
 from .wm import RATE, WMNode, _positive
 
 
@@ -185,43 +186,16 @@ class PALNode(WMNode):
 
 
 def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
-    """Link each PAL op to the weight ops that read its output (the training graph)."""
-    from .. import intercept, ops
-    from ..convert import _attr
-
-    graphs = model.__dict__.get("_pfa_graphs")
-    graph: fx.Graph | None = graphs[True] if graphs else getattr(model, "graph", None)
-    if graph is None:
-        return
-    weight_ops = (*ops.OP_FUNCTIONS, *ops.BETWEEN_GRAPHS.values())
-    op_key: dict[fx.Node, str] = {}
-    opaque: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target in weight_ops and isinstance(n.args[3], fx.Node) and n.args[3].op == "get_attr":
-            op_key[n] = _attr(model, n.args[3].target).op_name
-        elif n.target is intercept.call_with_feedback or getattr(n.target, "__name__", "").endswith("_with_feedback"):
-            opaque.add(n)  # weight ops inside: the response there is not an op input we see
-    for n, key in op_key.items():
+    """Link each PAL op to the PAL ops that read its output (as the pass found them)."""
+    for key, readers in op_readers(model).items():
         producer = nodes.get(key)
         if producer is None:
             continue
-        frontier, seen = list(n.users), set()
-        while frontier and len(seen) < 500:
-            u = frontier.pop(0)
-            if u in seen:
-                continue
-            seen.add(u)
-            if u in op_key:
-                consumer = nodes.get(op_key[u])
-                if consumer is not None and consumer is not producer and consumer not in producer._consumers:
-                    producer._consumers.append(consumer)
-                    consumer._producers.append(producer)
-                continue
-            if u in opaque or u.op == "output":
-                continue
-            frontier += list(u.users)
+        for reader in readers:
+            consumer = nodes.get(reader)
+            if consumer is not None and consumer is not producer and consumer not in producer._consumers:
+                producer._consumers.append(consumer)
+                consumer._producers.append(producer)
 
 
 class _NoisyPass:
@@ -261,8 +235,6 @@ def _before_training_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
 
 @torch.compiler.disable
 def _after_training_forward(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-    from ..convert import NAMESPACE
-
     noisy = _training_forward(module)
     if noisy is None or noisy.rng is None:
         return

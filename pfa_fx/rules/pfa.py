@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import ConversionError, ConversionTypeError, did_you_mean
-from .base import FeedbackNode, feedback_std, xavier_std
+from ..node import FeedbackNode, feedback_std, xavier_std
 from .sgd_implicit import SGDImplicit
 
 ROUTES = ("auto", "product", "population")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConversionError, did_you_mean
-from .base import FeedbackNode, feedback_std
+from ..node import FeedbackNode, feedback_std
 
 VARIANTS = ("usf", "frsf", "brsf")
 

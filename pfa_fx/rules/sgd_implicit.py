@@ -124,7 +124,7 @@ def _watch_optimizers() -> None:
 
 
 class SGDImplicit:
-    """Mixin for a :class:`~pfa_fx.rules.base.FeedbackNode` with an implicit form (module
+    """Mixin for a :class:`~pfa_fx.node.FeedbackNode` with an implicit form (module
     docstring). The node sets ``self.implicit`` and, when it is True, calls
     :meth:`init_implicit` with ``D0``; its ``state()`` returns ``(self.D0, self.alpha)`` and
     its ``feedback_from`` builds ``P = W + α·D0`` with :meth:`implicit_state`."""

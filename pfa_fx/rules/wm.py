@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConversionError, ConversionTypeError
+from ..registry import feedback_modules
 from .fa import FANode
 
 #: default relaxation per step, ``learning rate × decay``: a time constant of 500 steps
@@ -185,8 +186,6 @@ def step_feedback(model: nn.Module) -> int:
     """What a ``torch.optim`` step triggers for WM and PAL ops, for training loops that
     update weights some other way: one mirror step of every WM op, and PAL's updates from
     the noisy passes since the last one. Returns the number of ops updated."""
-    from ..convert import feedback_modules
-
     implicit = [name for name, node in feedback_modules(model) if getattr(node, "implicit", False)]
     if implicit:
         # its update needs the step's SGD hyperparameters, which this call does not have
@@ -210,8 +209,6 @@ def mirror(model: nn.Module, steps: int = 1) -> int:
     Returns the number of ops mirrored. PAL ops learn in their noisy pass instead and are
     left alone.
     """
-    from ..convert import feedback_modules
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     nodes = [node for _, node in feedback_modules(model) if isinstance(node, WMNode) and node.mirrors_after_step]

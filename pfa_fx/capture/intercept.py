@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import ops
-from .rules.base import FeedbackNode
+from .. import ops
+from ..node import FeedbackNode
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _CONV = {F.conv1d, F.conv2d, F.conv3d}

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConversionError, did_you_mean
+from .errors import ConversionError, did_you_mean
 
 
 def derived_seed(*parts: object) -> int:

@@ -1,0 +1,44 @@
+"""The last front end: a model whose own forward defeats every graph capture keeps its
+class, gains the feedback namespace, and runs its forward with every weight op on a
+converted parameter intercepted at run time (:mod:`pfa_fx.capture.intercept`)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from torch import nn
+
+from ..checkpoint import eager_load_state_dict
+from ..install import FeedbackInstaller, finish
+from ..registry import NAMESPACE
+from ..weights import hidden_weights
+from . import intercept
+
+
+def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Forward of a model converted without a graph: the class's own forward, with every
+    routed weight op made feedback-aware at run time."""
+    namespace = getattr(self, NAMESPACE)
+    routes = tuple((self.get_parameter(path), key) for path, key in self.pfa_routes)
+    return intercept.call_with_feedback(
+        lambda *a, **k: type(self).forward(self, *a, **k), namespace, routes, *args, **kwargs
+    )
+
+
+def convert_eagerly(root: nn.Module, installer: FeedbackInstaller, reason: str) -> nn.Module:
+    """Convert ``root`` in place (a copy of the user's model) through ``installer``, whose
+    namespace ``root`` holds; ``reason`` is why no graph could be captured."""
+    routes = []
+    for h in hidden_weights(root, ""):
+        if installer.node_for_hidden(h, "eager") is not None:
+            routes.append((h.param_path, h.key))
+    root.pfa_routes = tuple(routes)
+    installer.record(root, {"": reason})
+    root.forward = types.MethodType(_eager_forward, root)
+    root.load_state_dict = types.MethodType(eager_load_state_dict, root)
+    finish(root)
+    return root
+
+
+__all__ = ["convert_eagerly"]

@@ -1,0 +1,118 @@
+"""Installing feedback nodes into the model being converted: one node per weight op, made
+from the rule mapping and seeded by ``(seed, op name)``, placed under the feedback
+namespace; then each rule's own hooks and the checkpoint hooks. Every front end (the
+graph rewrite and the eager interception) makes its nodes here, so an op gets the same
+node, name and state whichever way it was reached."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .errors import ConversionError
+from .mapping import RuleSpec, resolve_spec
+from .node import FeedbackNode, seeded_generator
+from .registry import NAMESPACE, bind_flat, feedback_modules, place_node
+from .rules import rule_class
+from .weights import HiddenWeight
+
+
+def make_node(
+    rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str, transposed: bool = False
+) -> FeedbackNode:
+    """The node of ``rule`` for one weight, with the options that rule accepts."""
+    cls = rule_class(rule)
+    accepted = {k: v for k, v in opts.items() if k in cls.options}
+    node = cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, **accepted)
+    node.seed = seed  # what the node's draws came from: saved with checkpoints, checked on load
+    return node
+
+
+class FeedbackInstaller:
+    """What one conversion shares between its front ends and graphs: one node per weight,
+    and the record of every op reached, kept native or skipped."""
+
+    def __init__(self, model: nn.Module, spec: str | Mapping[Any, RuleSpec], options: dict[str, Any], seed: int):
+        self.model, self.spec, self.options, self.seed = model, spec, options, seed
+        self.namespace = nn.Module()
+        model.add_module(NAMESPACE, self.namespace)
+        self.made: dict[str, FeedbackNode | None] = {}
+        self.owners: dict[str, nn.Module | None] = {}  # every op the pass reached, with its module
+        self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
+        self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
+        self.flat_names: dict[str, str] = {}  # op name -> the graph's flat attribute for its node
+
+    def node_for(
+        self,
+        key: str,
+        weight: torch.Tensor,
+        groups: int,
+        owner: nn.Module | None,
+        path: str = "graph",
+        transposed: bool = False,
+    ) -> FeedbackNode | None:
+        """The node of the op named ``key`` (made on first use); None keeps it native."""
+        if key in self.made:
+            node = self.made[key]
+            if node is not None and tuple(weight.shape) != node.weight_shape:
+                raise ConversionError(f"weight '{key}' is used with two shapes; cannot share its feedback")
+            if node is not None and node.transposed != transposed:
+                raise ConversionError(
+                    f"weight '{key}' is used by a convolution and by a transposed convolution; "
+                    "their feedback has different output axes and cannot be shared"
+                )
+            return node
+        self.owners[key] = owner
+        resolved = resolve_spec(self.spec, key, owner)
+        node = None
+        if resolved is not None:
+            rule, opts = resolved
+            node = make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key, transposed)
+            node.op_name = key
+            node.conversion_path = path
+            node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
+            place_node(self.namespace, key, node)
+        else:
+            self.kept_native.add(key)
+        self.made[key] = node
+        return node
+
+    def node_for_hidden(self, h: HiddenWeight, path: str) -> FeedbackNode | None:
+        """The node of a weight used inside code the graph does not show."""
+        node = self.node_for(h.key, h.weight, h.groups, h.owner, path, h.transposed)
+        if node is not None and h.bank is not None:
+            node._weight_ref = [h.bank]  # the parameter itself: follows .to() and loads
+            node.expert_bank = True
+        return node
+
+    def flat_name(self, key: str) -> str:
+        """The flat attribute of the model through which a graph reads the op's node."""
+        name = self.flat_names.get(key)
+        if name is None:
+            name = self.flat_names[key] = bind_flat(self.model, key, self.made[key])
+        return name
+
+    def record(self, model: nn.Module, fallbacks: Mapping[str, str]) -> None:
+        """What the report and ``strict`` read back: opaque fallbacks, ops kept native, skipped."""
+        model.pfa_fallbacks = dict(fallbacks)
+        model.pfa_kept_native = sorted(self.kept_native)
+        model.pfa_skipped = dict(self.skipped)
+
+
+def finish(model: nn.Module) -> None:
+    """The pass's hooks for rules and checkpoints. Each rule class present gets the model
+    and its nodes once (``FeedbackNode.attach``), for what a rule needs beyond its ops;
+    then ``state_dict`` records the conversion and ``load_state_dict`` checks it."""
+    by_class: dict[type[FeedbackNode], list[tuple[str, FeedbackNode]]] = {}
+    for name, node in feedback_modules(model):
+        by_class.setdefault(type(node), []).append((name, node))
+    for cls, nodes in by_class.items():
+        cls.attach(model, nodes)
+    checkpoint.watch_checkpoints(model)
+
+
+__all__ = ["FeedbackInstaller", "finish", "make_node"]

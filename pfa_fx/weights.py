@@ -1,0 +1,153 @@
+"""Finding a model's weight ops: the modules whose weight the pass converts, the weights
+inside code that tracing keeps opaque, and the parameter a computed weight comes from."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+
+from .registry import attr
+
+TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: the modules whose weight is a weight op's
+WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_MODULES)
+_PLAIN_FORWARDS = {m.forward for m in WEIGHT_MODULES}
+#: nn.MultiheadAttention's input projections (bare parameters, no Linear of their own)
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_plain_weight_module(m: nn.Module) -> bool:
+    """A Linear/Conv whose forward is torch's own (subclasses with their own forward,
+    e.g. weight-standardized convs, are traced through instead)."""
+    return isinstance(m, WEIGHT_MODULES) and type(m).forward in _PLAIN_FORWARDS
+
+
+class HiddenWeight(NamedTuple):
+    """A weight used inside code the graph does not show, and what its feedback needs."""
+
+    param_path: str
+    key: str
+    weight: torch.Tensor
+    groups: int
+    owner: nn.Module
+    transposed: bool = False
+    bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
+
+
+def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
+    """Weight-op weights inside a module that stays opaque: Linear/Conv weights and
+    ``nn.MultiheadAttention``'s input projections."""
+    found = []
+    for rel, sub in m.named_modules():
+        base = ".".join(p for p in (path, rel) if p)
+        prefix = f"{base}." if base else ""
+        if (bank := expert_bank_shape(sub)) is not None:
+            # a bank of expert kernels (timm's CondConv2d), held as kernels: one feedback
+            # state per expert, block-diagonal over experts (and groups) like a grouped conv
+            kernels = sub.weight.detach().reshape(bank)
+            groups = sub.num_experts * getattr(sub, "groups", 1)
+            found.append(HiddenWeight(f"{prefix}weight", base or "weight", kernels, groups, sub, False, sub.weight))
+        elif isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
+            groups, transposed = getattr(sub, "groups", 1), isinstance(sub, TRANSPOSED_MODULES)
+            found.append(HiddenWeight(f"{prefix}weight", base or "weight", sub.weight, groups, sub, transposed))
+        if isinstance(sub, nn.MultiheadAttention):
+            for name in MHA_WEIGHTS:
+                p = getattr(sub, name, None)
+                if isinstance(p, torch.Tensor):
+                    found.append(HiddenWeight(f"{prefix}{name}", f"{prefix}{name}", p, 1, sub))
+    return found
+
+
+def expert_bank_shape(m: nn.Module) -> tuple[int, ...] | None:
+    """``(experts·out, in/g, *k)`` for a module holding a bank of flattened expert kernels
+    ``(experts, out·in/g·k…)`` mixed per sample (timm's CondConv2d), else None."""
+    shape, experts, w = getattr(m, "weight_shape", None), getattr(m, "num_experts", None), getattr(m, "weight", None)
+    if not (isinstance(shape, tuple) and isinstance(experts, int) and isinstance(w, nn.Parameter)):
+        return None
+    if w.dim() != 2 or tuple(w.shape) != (experts, math.prod(shape)):
+        return None
+    return (experts * shape[0], *shape[1:])
+
+
+def weights_passed_to(gm: nn.Module, node: fx.Node) -> list[HiddenWeight]:
+    """Weight-op weights handed as arguments to an opaque (FX-wrapped) function."""
+    found: list[HiddenWeight] = []
+    for arg in node.all_input_nodes:
+        if arg.op != "get_attr":
+            continue
+        mod_path, _, name = arg.target.rpartition(".")
+        owner = get_module(gm, mod_path)
+        if owner is None:
+            continue
+        if (isinstance(owner, WEIGHT_MODULES) and name == "weight") or (
+            isinstance(owner, nn.MultiheadAttention) and name in MHA_WEIGHTS
+        ):
+            key = mod_path if name == "weight" else arg.target
+            transposed = isinstance(owner, TRANSPOSED_MODULES)
+            found.append(
+                HiddenWeight(arg.target, key, attr(gm, arg.target), getattr(owner, "groups", 1), owner, transposed)
+            )
+    return found
+
+
+def is_param(gm: nn.Module, path: str) -> bool:
+    mod_path, _, name = path.rpartition(".")
+    return name in get_module(gm, mod_path)._parameters
+
+
+def get_module(gm: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(path) if path else gm
+    except AttributeError:
+        return None
+
+
+def source_parameter(gm: nn.Module, w_node: Any, max_depth: int = 12) -> str | None:
+    """The parameter a (possibly computed) weight comes from: the ≥2-D tensor attribute
+    upstream of it, preferring one named like a weight (e.g. StdConv2d's ``weight``
+    over ScaledStdConv2d's ``gain``)."""
+    if not isinstance(w_node, fx.Node):
+        return None
+    found: list[str] = []
+    frontier, seen = [w_node], set()
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                t = attr(gm, n.target)
+                if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                    found.append(n.target)
+                continue
+            if n.op == "placeholder":
+                continue
+            nxt += [a for a in n.all_input_nodes]
+        frontier = nxt
+        if not frontier:
+            break
+    if not found:
+        return None
+    found = list(dict.fromkeys(found))
+    named = [p for p in found if p.rsplit(".", 1)[-1].endswith("weight")]
+    pool = named or found
+    return max(pool, key=lambda p: attr(gm, p).numel())
+
+
+__all__ = [
+    "MHA_WEIGHTS",
+    "TRANSPOSED_MODULES",
+    "WEIGHT_MODULES",
+    "HiddenWeight",
+    "expert_bank_shape",
+    "get_module",
+    "hidden_weights",
+    "is_param",
+    "is_plain_weight_module",
+    "source_parameter",
+    "weights_passed_to",
+]
