@@ -99,7 +99,7 @@ import pfa_fx
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-import _common as common  # noqa: E402  (rule order, colors, --lr-rule parsing shared with Figures 4-5)
+import harness as common  # noqa: E402  (rule order, colors, --lr-rule parsing shared with Figures 4-5)
 
 RULES = common.RULES  # every rule in pfa_fx.RULES, in a stable order
 COLORS = common.COLORS
