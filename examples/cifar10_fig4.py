@@ -34,12 +34,12 @@ Usage::
     python examples/cifar10_fig4.py --smoke --out /tmp/fig4    # seconds, generated data (CI)
 
 Outputs in ``--out`` (default ``runs/cifar10_fig4``): ``curves.csv`` (long format: seed,
-rule, epoch, metric, layer, depth, value; see ``examples/_common.py`` for the metrics),
+rule, epoch, metric, layer, depth, value; see ``examples/harness/outputs.py`` for the metrics),
 ``cifar10_fig4.png`` (accuracy and loss curves, mean alignment over training, and final
 per-layer angle, norm ratio and gradient alignment vs depth), ``summary.json``, and
 ``checkpoint.pt`` (rewritten atomically every epoch, or ``--checkpoint-every`` steps):
 ``--resume`` continues an interrupted run exactly where it stopped, with the same
-results bit for bit on a CPU (``examples/_common.py``).
+results bit for bit on a CPU (``examples/harness/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-import _common as common  # noqa: E402
+import harness as common  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 PUBLISHED_ERROR = {"bp": 8.63, "fa": 32.16, "sf": 10.05}  # BioTorch ResNet-20, top-1 test error (%); sf = uSF
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Train every rule; rank 0 writes curves.csv, cifar10_fig4.png, summary.json and returns the summary."""
     args = parse_args(argv)
     args.argv = common.argv_list(argv)
-    with common.distributed(args) as d:
+    with common.process_group(args) as d:
         if args.smoke:
             (train, test), source = fake_cifar(seed=args.seed), "generated (smoke)"
         else:

@@ -37,7 +37,7 @@ Usage::
 steps at 64 px, and deletes it afterwards.
 
 Outputs in ``--out`` (default ``runs/imagenet_fig5``): ``curves.csv`` (long format: seed,
-rule, epoch, metric, layer, depth, value; see ``examples/_common.py``),
+rule, epoch, metric, layer, depth, value; see ``examples/harness/outputs.py``),
 ``imagenet_fig5.png``, ``summary.json``, ``checkpoint.pt`` (every epoch and every
 ``--checkpoint-every`` steps, atomically; ``--resume`` continues from it, with the same
 number of processes); only rank 0 writes.
@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-import _common as common  # noqa: E402
+import harness as common  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PUBLISHED_ERROR = {"bp": 30.39, "fa": 85.25, "sf": 34.97}  # BioTorch ResNet-18, top-1 val error (%); sf = uSF
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     and returns the summary (other ranks return None)."""
     args = parse_args(argv)
     args.argv = common.argv_list(argv)
-    with common.distributed(args) as d:
+    with common.process_group(args) as d:
         smoke_root = args.out / "smoke_data"
         if args.smoke:
             size = {k: SMOKE[k] for k in ("n_train", "n_val", "classes", "px")}

@@ -1,4 +1,4 @@
-"""Checkpoints and ``--resume`` of the shared experiment harness (``examples/_common.py``).
+"""Checkpoints and ``--resume`` of the shared experiment harness (``examples/harness/``).
 
 A run stopped after its first epoch (or in the middle of an epoch) and resumed ends with
 exactly the parameters, feedback state (brSF's draw counter included), optimizer and
@@ -43,7 +43,7 @@ def fig4(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The CIFAR-10 script with a ResNet-8 (one block per stage: 7 convs + fc) and no figure."""
     module = _load("cifar10_fig4")
     monkeypatch.setattr(module, "ResNet20", functools.partial(module.ResNet20, blocks=1))
-    monkeypatch.setattr(module.common, "plot", lambda *a, **k: None)  # ~0.5 s a run, checked elsewhere
+    monkeypatch.setattr(module.common.figure, "plot", lambda *a, **k: None)  # ~0.5 s a run, checked elsewhere
     return module
 
 
@@ -142,7 +142,7 @@ import torch.distributed as dist
 import cifar10_fig4 as fig4
 
 fig4.ResNet20 = functools.partial(fig4.ResNet20, blocks=1)
-fig4.common.plot = lambda *a, **k: None
+fig4.common.figure.plot = lambda *a, **k: None
 base = ["--smoke", "--no-progress", *{small!r}, "--rules", "sf", "--sf-variant", "brsf"]
 dist.init_process_group("gloo")  # one group for the three runs (the harness leaves it in place)
 try:
@@ -219,7 +219,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypat
     def crash(*args: Any) -> None:
         raise KeyboardInterrupt  # killed between writing the new file and renaming it
 
-    monkeypatch.setattr(common.os, "replace", crash)
+    monkeypatch.setattr(common.checkpoint.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         common.write_checkpoint(path, {"format": 1, "epoch": 2})
     assert common.read_checkpoint(path) == {"format": 1, "epoch": 1}
