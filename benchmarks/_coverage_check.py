@@ -20,29 +20,11 @@ import pfa_fx
 
 try:  # run as python benchmarks/coverage.py: this folder is on sys.path
     from _coverage_models import BATCH, BuildError, Built, build_model, estimate_params, first_line
-    from _coverage_rows import (
-        BUILD_ERROR,
-        CHECK_ERROR,
-        CONVERSION_ERROR,
-        FORWARD_CHANGED,
-        LEFT_ON_BP,
-        NONFINITE_GRAD,
-        PASS,
-        finish_row,
-    )
+    from _coverage_rows import Status, finish_row
     from _shared import WEIGHT_MODULES, weights_on_backprop
 except ImportError:  # imported as benchmarks.coverage from the repository root
     from benchmarks._coverage_models import BATCH, BuildError, Built, build_model, estimate_params, first_line
-    from benchmarks._coverage_rows import (
-        BUILD_ERROR,
-        CHECK_ERROR,
-        CONVERSION_ERROR,
-        FORWARD_CHANGED,
-        LEFT_ON_BP,
-        NONFINITE_GRAD,
-        PASS,
-        finish_row,
-    )
+    from benchmarks._coverage_rows import Status, finish_row
     from benchmarks._shared import WEIGHT_MODULES, weights_on_backprop
 
 PFA_RULES = ("pfa", "pfa-o")
@@ -128,20 +110,6 @@ def _one_line(obj: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_opts(items: Sequence[str]) -> dict[str, Any]:
-    """``["expansion=1", "compact=true"]`` -> ``{"expansion": 1, "compact": True}``."""
-    opts: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"option {item!r} is not key=value")
-        try:
-            opts[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            opts[key] = value
-    return opts
-
-
 def rule_options(rule: str, params: int, opts: Mapping[str, Any], big_params: float, big_opts: Mapping[str, Any]):
     """The options ``rule`` gets: those it accepts from ``opts``, plus ``big_opts`` for the
     PFA rules above ``big_params`` million parameters."""
@@ -189,7 +157,7 @@ def check_rule(
     try:
         gm = pfa_fx.convert(model, rule, seed=seed, **opts)
     except Exception as exc:
-        row.update(status=CONVERSION_ERROR, reason=first_line(exc), convert_s=round(time.perf_counter() - t0, 2))
+        row.update(status=Status.CONVERSION_ERROR, reason=first_line(exc), convert_s=round(time.perf_counter() - t0, 2))
         return row
     if release_model:
         built.model = model = None
@@ -226,7 +194,7 @@ def check_rule(
         row["eval_equal"], row["train_equal"] = diffs[False] is None, diffs[True] is None
         for mode, name in ((False, "eval"), (True, "train")):
             if diffs[mode] is not None:
-                problems.append((FORWARD_CHANGED, f"{name} forward changed: {diffs[mode]}"))
+                problems.append((Status.FORWARD_CHANGED, f"{name} forward changed: {diffs[mode]}"))
         leaves = [t for t in tensor_leaves(out) if t.is_floating_point() and t.requires_grad]
         if not leaves:
             raise RuntimeError("no output of the converted model requires grad")
@@ -235,7 +203,7 @@ def check_rule(
         row["left_on_bp"] = len(left)
         if left:
             names = ", ".join(left[:4]) + (f" (+{len(left) - 4} more)" if len(left) > 4 else "")
-            problems.append((LEFT_ON_BP, f"{len(left)} weight(s) left on BP: {names}"))
+            problems.append((Status.LEFT_ON_BP, f"{len(left)} weight(s) left on BP: {names}"))
         # each gradient is checked as it is accumulated, then dropped: the largest models
         # never hold all their gradients at once
         bad: list[str] = []
@@ -251,9 +219,9 @@ def check_rule(
                 h.remove()
         row["grads_finite"] = not bad
         if bad:
-            problems.append((NONFINITE_GRAD, f"non-finite grad in {len(bad)} param(s): {', '.join(bad[:3])}"))
+            problems.append((Status.NONFINITE_GRAD, f"non-finite grad in {len(bad)} param(s): {', '.join(bad[:3])}"))
     except Exception as exc:
-        problems.insert(0, (CHECK_ERROR, first_line(exc)))
+        problems.insert(0, (Status.CHECK_ERROR, first_line(exc)))
     finally:
         if model is not None:
             model.zero_grad(set_to_none=True)
@@ -261,11 +229,16 @@ def check_rule(
         gc.collect()
     row["check_s"] = round(time.perf_counter() - t1, 2)
     if problems:
-        order = {s: i for i, s in enumerate((CHECK_ERROR, FORWARD_CHANGED, LEFT_ON_BP, NONFINITE_GRAD))}
+        order = {
+            s: i
+            for i, s in enumerate(
+                (Status.CHECK_ERROR, Status.FORWARD_CHANGED, Status.LEFT_ON_BP, Status.NONFINITE_GRAD)
+            )
+        }
         row["status"] = min((p[0] for p in problems), key=order.__getitem__)
         row["reason"] = "; ".join(p[1] for p in problems)
     else:
-        row["status"], row["reason"] = PASS, ""
+        row["status"], row["reason"] = Status.PASS, ""
     return row
 
 
@@ -291,7 +264,7 @@ def check_model(
     except Exception as exc:
         reason = str(exc) if isinstance(exc, BuildError) else first_line(exc)
         for rule in rules:
-            yield finish_row({**base, "rule": rule, "status": BUILD_ERROR, "reason": reason})
+            yield finish_row({**base, "rule": rule, "status": Status.BUILD_ERROR, "reason": reason})
         return
     build_kwargs = {**built.kwargs, "dtype": "bfloat16"} if lean else built.kwargs
     base.update(
@@ -306,5 +279,5 @@ def check_model(
         try:
             row = check_rule(built, rule, chosen, seed, release_model=lean and i == len(rules) - 1)
         except Exception as exc:  # a bug in this script, not in the model: keep going
-            row = {"rule": rule, "status": CHECK_ERROR, "reason": f"harness: {first_line(exc)}"}
+            row = {"rule": rule, "status": Status.CHECK_ERROR, "reason": f"harness: {first_line(exc)}"}
         yield finish_row({**base, **row})

@@ -40,27 +40,21 @@ FIELDS = [
     "timestamp",
 ]
 
-# statuses, in the order a failing row is classified (the first that applies wins)
-PASS = "pass"
-BUILD_ERROR = "build_error"  # the model itself cannot be built or run: not pfa_fx's fault
-CONVERSION_ERROR = "conversion_error"
-CHECK_ERROR = "check_error"  # the converted model raised in forward or backward
-FORWARD_CHANGED = "forward_changed"
-LEFT_ON_BP = "left_on_bp"
-NONFINITE_GRAD = "nonfinite_grad"
-TIMEOUT = "timeout"
-CRASH = "crash"  # the worker died (e.g. killed for memory) before writing the row
-STATUSES = (
-    PASS,
-    FORWARD_CHANGED,
-    LEFT_ON_BP,
-    CONVERSION_ERROR,
-    TIMEOUT,
-    CHECK_ERROR,
-    NONFINITE_GRAD,
-    BUILD_ERROR,
-    CRASH,
-)
+
+class Status:
+    """What a row's ``status`` says. A failing check is classified by the first of
+    ``CHECK_ERROR``, ``FORWARD_CHANGED``, ``LEFT_ON_BP``, ``NONFINITE_GRAD`` that applies."""
+
+    PASS = "pass"
+    BUILD_ERROR = "build_error"  # the model itself cannot be built or run: not pfa_fx's fault
+    CONVERSION_ERROR = "conversion_error"
+    CHECK_ERROR = "check_error"  # the converted model raised in forward or backward
+    FORWARD_CHANGED = "forward_changed"
+    LEFT_ON_BP = "left_on_bp"
+    NONFINITE_GRAD = "nonfinite_grad"
+    TIMEOUT = "timeout"
+    CRASH = "crash"  # the worker died (e.g. killed for memory) before writing the row
+
 
 _REV: list[str] = []  # the revision rows record, read once per process
 

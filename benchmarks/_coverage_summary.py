@@ -16,60 +16,43 @@ import torchvision
 
 try:  # run as python benchmarks/coverage.py: this folder is on sys.path
     from _coverage_models import BATCH
-    from _coverage_rows import (
-        BUILD_ERROR,
-        CONVERSION_ERROR,
-        CRASH,
-        FORWARD_CHANGED,
-        LEFT_ON_BP,
-        PASS,
-        TIMEOUT,
-        latest_rows,
-    )
+    from _coverage_rows import Status, latest_rows
     from _shared import md_cell, md_table, read_rows
 except ImportError:  # imported as benchmarks.coverage from the repository root
     from benchmarks._coverage_models import BATCH
-    from benchmarks._coverage_rows import (
-        BUILD_ERROR,
-        CONVERSION_ERROR,
-        CRASH,
-        FORWARD_CHANGED,
-        LEFT_ON_BP,
-        PASS,
-        TIMEOUT,
-        latest_rows,
-    )
+    from benchmarks._coverage_rows import Status, latest_rows
     from benchmarks._shared import md_cell, md_table, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: the count columns: (summary status, header)
 COLUMNS = [
-    (PASS, "pass"),
-    (FORWARD_CHANGED, "forward changed"),
-    (LEFT_ON_BP, "left on BP"),
-    (CONVERSION_ERROR, "conversion error"),
-    (TIMEOUT, "timeout"),
+    (Status.PASS, "pass"),
+    (Status.FORWARD_CHANGED, "forward changed"),
+    (Status.LEFT_ON_BP, "left on BP"),
+    (Status.CONVERSION_ERROR, "conversion error"),
+    (Status.TIMEOUT, "timeout"),
     ("memory", "out of memory here"),
     ("other", "other"),
 ]
-#: the table of all rows: (CSV column, header, alignment)
+#: the table of all rows: (CSV column, header)
 ROW_COLUMNS = [
-    ("source", "source", "l"),
-    ("model", "model", "l"),
-    ("rule", "rule", "l"),
-    ("status", "status", "l"),
-    ("input_size", "input", "r"),
-    ("build_kwargs", "build kwargs", "l"),
-    ("opts", "opts", "l"),
-    ("params_m", "params (M)", "r"),
-    ("weight_modules", "weight modules", "r"),
-    ("ops_converted", "ops converted", "r"),
-    ("conversion_path", "path", "l"),
-    ("convert_s", "convert s", "r"),
-    ("check_s", "check s", "r"),
-    ("pfa_fx_rev", "pfa_fx", "l"),
+    ("source", "source"),
+    ("model", "model"),
+    ("rule", "rule"),
+    ("status", "status"),
+    ("input_size", "input"),
+    ("build_kwargs", "build kwargs"),
+    ("opts", "opts"),
+    ("params_m", "params (M)"),
+    ("weight_modules", "weight modules"),
+    ("ops_converted", "ops converted"),
+    ("conversion_path", "path"),
+    ("convert_s", "convert s"),
+    ("check_s", "check s"),
+    ("pfa_fx_rev", "pfa_fx"),
 ]
+NUMERIC = {"input_size", "params_m", "weight_modules", "ops_converted", "convert_s", "check_s"}  # right-aligned
 _OOM = ("can't allocate memory", "out of memory", "cannot allocate memory", "memoryerror")
 
 
@@ -77,7 +60,7 @@ def summary_status(row: Mapping[str, str]) -> str:
     """The summary's column for a row: failures caused by this machine's memory (the
     allocator refusing, or the worker killed) are counted apart from conversion failures."""
     status, reason = row["status"], row.get("reason", "").lower()
-    if status != PASS and (status == CRASH or any(k in reason for k in _OOM)):
+    if status != Status.PASS and (status == Status.CRASH or any(k in reason for k in _OOM)):
         return "memory"
     return status if status in dict(COLUMNS) else "other"
 
@@ -126,14 +109,16 @@ def write_summary(csv_path: Path, out_path: Path) -> str:
     ]
     for (source, rule), c in sorted(by.items()):
         n = sum(c.values())
-        fit = n - c.get("memory", 0) - c.get(BUILD_ERROR, 0)
+        fit = n - c.get("memory", 0) - c.get(Status.BUILD_ERROR, 0)
         lines.append(
-            f"- {source} / {rule}: {c.get(PASS, 0)} of {n} pass ({100 * c.get(PASS, 0) / n:.1f} %); "
-            f"of the {fit} that build and fit this machine's memory, {100 * c.get(PASS, 0) / max(fit, 1):.1f} %."
+            f"- {source} / {rule}: {c.get(Status.PASS, 0)} of {n} pass ({100 * c.get(Status.PASS, 0) / n:.1f} %); "
+            f"of the {fit} that build and fit this machine's memory, {100 * c.get(Status.PASS, 0) / max(fit, 1):.1f} %."
         )
     revs = Counter(r.get("pfa_fx_rev") or "not recorded" for r in rows)
     lines += ["", "pfa_fx revision per row: " + ", ".join(f"`{k}` {v}" for k, v in sorted(revs.items())) + "."]
-    failures = sorted((r for r in rows if r["status"] != PASS), key=lambda r: (r["source"], r["model"], r["rule"]))
+    failures = sorted(
+        (r for r in rows if r["status"] != Status.PASS), key=lambda r: (r["source"], r["model"], r["rule"])
+    )
     lines += ["", f"## Failures ({len(failures)})", ""]
     if failures:
         lines += md_table(
@@ -154,12 +139,12 @@ def write_summary(csv_path: Path, out_path: Path) -> str:
         "<details><summary>input size, options, ops converted and times per model</summary>",
         "",
         *md_table(
-            [header for _, header, _ in ROW_COLUMNS],
+            [header for _, header in ROW_COLUMNS],
             (
-                [md_cell(str(r.get(key, ""))) for key, _, _ in ROW_COLUMNS]
+                [md_cell(str(r.get(key, ""))) for key, _ in ROW_COLUMNS]
                 for r in sorted(rows, key=lambda r: (r["source"], r["model"], r["rule"]))
             ),
-            "".join(align for _, _, align in ROW_COLUMNS),
+            "".join("r" if key in NUMERIC else "l" for key, _ in ROW_COLUMNS),
         ),
         "",
         "</details>",

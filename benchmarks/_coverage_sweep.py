@@ -25,15 +25,29 @@ import torchvision
 from tqdm import tqdm
 
 try:  # run as python benchmarks/coverage.py: this folder is on sys.path
-    from _coverage_check import check_model, parse_opts
+    from _coverage_check import check_model
     from _coverage_models import estimate_params, list_model_names
-    from _coverage_rows import CRASH, FIELDS, PASS, TIMEOUT, finish_row, latest_rows, revision, set_revision
-    from _shared import append_rows, read_rows
+    from _coverage_rows import FIELDS, Status, finish_row, latest_rows, revision, set_revision
+    from _shared import append_rows, read_rows, weights_on_backprop
 except ImportError:  # imported as benchmarks.coverage from the repository root
-    from benchmarks._coverage_check import check_model, parse_opts
+    from benchmarks._coverage_check import check_model
     from benchmarks._coverage_models import estimate_params, list_model_names
-    from benchmarks._coverage_rows import CRASH, FIELDS, PASS, TIMEOUT, finish_row, latest_rows, revision, set_revision
-    from benchmarks._shared import append_rows, read_rows
+    from benchmarks._coverage_rows import FIELDS, Status, finish_row, latest_rows, revision, set_revision
+    from benchmarks._shared import append_rows, read_rows, weights_on_backprop
+
+
+def parse_opts(items: Sequence[str]) -> dict[str, Any]:
+    """``["expansion=1", "compact=true"]`` -> ``{"expansion": 1, "compact": True}``."""
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"option {item!r} is not key=value")
+        try:
+            opts[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
 
 
 def _check_to_file(
@@ -109,7 +123,7 @@ def _collect(job: Job, timed_out: bool, elapsed: float) -> list[dict[str, Any]]:
     missing = [r for r in job.rules if r not in done]
     if missing:
         if timed_out:
-            status, reason = TIMEOUT, f"no result within {elapsed:.0f} s"
+            status, reason = Status.TIMEOUT, f"no result within {elapsed:.0f} s"
         else:
             rc = job.proc.exitcode if job.proc is not None else None
             text = job.err.read_text(errors="replace") if job.err.exists() else ""
@@ -117,7 +131,7 @@ def _collect(job: Job, timed_out: bool, elapsed: float) -> list[dict[str, Any]]:
             why = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
             if rc == -signal.SIGKILL:
                 why += " (not by the timeout: likely out of memory)"
-            status, reason = CRASH, f"worker {why}" + (f": {tail[-1][:200]}" if tail else "")
+            status, reason = Status.CRASH, f"worker {why}" + (f": {tail[-1][:200]}" if tail else "")
         rows += [
             finish_row({"source": job.source, "model": job.name, "rule": r, "status": status, "reason": reason})
             for r in missing
@@ -130,7 +144,7 @@ def _context() -> multiprocessing.context.BaseContext:
     once (seconds saved per model), yet each model gets a fresh process."""
     try:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torchvision", "timm", "pfa_fx", "pfa_fx.audit"])
+        ctx.set_forkserver_preload(["torch", "torchvision", "timm", "pfa_fx", weights_on_backprop.__module__])
     except ValueError:  # no forkserver on this platform
         ctx = multiprocessing.get_context("spawn")
     return ctx
@@ -207,7 +221,7 @@ def sweep(args: argparse.Namespace) -> None:
                 bar.update(1)
                 bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
                 for row in rows:
-                    if row["status"] != PASS:
+                    if row["status"] != Status.PASS:
                         tqdm.write(f"{job.source}:{job.name} [{row['rule']}] {row['status']}: {row['reason'][:150]}")
     finally:
         for job in running:
