@@ -12,9 +12,9 @@ from typing import Any
 import timm
 from torch import nn
 
-try:  # run as python benchmarks/timm_ablation.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import timm_model
-except ImportError:  # imported from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import timm_model
 
 

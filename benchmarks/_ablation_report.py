@@ -16,11 +16,11 @@ import torch
 
 import pfa_fx
 
-try:  # run as python benchmarks/timm_ablation.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _ablation_data import Data
     from _ablation_training import curve_steps, decay_budget
     from _shared import git_revision, host_line, md_table
-except ImportError:  # imported from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._ablation_data import Data
     from benchmarks._ablation_training import curve_steps, decay_budget
     from benchmarks._shared import git_revision, host_line, md_table

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 import pfa_fx
 
-try:  # run as python benchmarks/timm_ablation.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _ablation_data import Data, batch_order
     from _ablation_models import create_model, label
     from _shared import NAMESPACE
-except ImportError:  # imported from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._ablation_data import Data, batch_order
     from benchmarks._ablation_models import create_model, label
     from benchmarks._shared import NAMESPACE

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 import pfa_fx
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_models import BATCH, BuildError, Built, build_model, estimate_params, first_line
     from _coverage_rows import Status, finish_row
     from _shared import WEIGHT_MODULES, weights_on_backprop
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_models import BATCH, BuildError, Built, build_model, estimate_params, first_line
     from benchmarks._coverage_rows import Status, finish_row
     from benchmarks._shared import WEIGHT_MODULES, weights_on_backprop

@@ -19,9 +19,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import timm_model, tv_model
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import timm_model, tv_model
 
 SOURCES = ("tv", "timm")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pfa_fx
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import git_revision
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import git_revision
 
 FIELDS = [

@@ -14,11 +14,11 @@ import timm
 import torch
 import torchvision
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_models import BATCH
     from _coverage_rows import Status, latest_rows
     from _shared import md_cell, md_table, read_rows
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_models import BATCH
     from benchmarks._coverage_rows import Status, latest_rows
     from benchmarks._shared import md_cell, md_table, read_rows

@@ -1,6 +1,7 @@
 """The coverage sweep's processes: each model checked in a worker process of its own under
 a wall-clock timeout (``sweep``), its rows appended to the CSV as the worker ends, the
-models already there skipped; ``--one`` checks one model in this process (``run_one``)."""
+models already there skipped; ``--one`` checks one model in this process (``run_one``);
+``--opt`` and ``--big-opts`` parsed for both (``parse_opts``)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_check import check_model
     from _coverage_models import estimate_params, list_model_names
     from _coverage_rows import FIELDS, Status, finish_row, latest_rows, revision, set_revision
     from _shared import append_rows, read_rows, weights_on_backprop
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_check import check_model
     from benchmarks._coverage_models import estimate_params, list_model_names
     from benchmarks._coverage_rows import FIELDS, Status, finish_row, latest_rows, revision, set_revision

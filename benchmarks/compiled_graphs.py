@@ -63,9 +63,9 @@ from torch._inductor.decomposition import select_decomp_table
 
 import pfa_fx
 
-try:
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import CLASSIFIERS, RULES, command_line, emit, threads_line
-except ImportError:  # imported as benchmarks.<script> from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import CLASSIFIERS, RULES, command_line, emit, threads_line
 
 # name -> (constructor, input size in px)

@@ -48,14 +48,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-try:  # run as python benchmarks/coverage.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_check import check_model, check_rule, compare_outputs, rule_options, tensor_leaves
     from _coverage_models import Built, build_model, list_model_names, timm_candidates, tv_candidates
     from _coverage_rows import FIELDS, Status, latest_rows
     from _coverage_summary import repo_path, summary_status, write_summary
     from _coverage_sweep import parse_opts, run_one, sweep
     from _shared import read_rows
-except ImportError:  # imported as benchmarks.coverage from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_check import check_model, check_rule, compare_outputs, rule_options, tensor_leaves
     from benchmarks._coverage_models import Built, build_model, list_model_names, timm_candidates, tv_candidates
     from benchmarks._coverage_rows import FIELDS, Status, latest_rows
@@ -88,7 +88,9 @@ __all__ = [  # what this module offers beside the command line (the tests use th
     "write_summary",
 ]
 
+# the statuses the tests name
 PASS, TIMEOUT, NONFINITE_GRAD = Status.PASS, Status.TIMEOUT, Status.NONFINITE_GRAD
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CSV = HERE / "coverage.csv"
 DEFAULT_SUMMARY = HERE / "COVERAGE.md"

@@ -56,9 +56,9 @@ from torch import nn
 import pfa_fx
 from pfa_fx import ops
 
-try:
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import RULES, command_line, emit, threads_line
-except ImportError:  # imported as benchmarks.<script> from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import RULES, command_line, emit, threads_line
 
 MODELS = ("test_vit", "test_convnext", "test_resnet")

@@ -60,9 +60,9 @@ from torch import nn
 
 import pfa_fx
 
-try:
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _shared import CLASSIFIERS, WEIGHT_MODULES, command_line, cpu_name, emit
-except ImportError:  # imported as benchmarks.<script> from the repository root
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._shared import CLASSIFIERS, WEIGHT_MODULES, command_line, cpu_name, emit
 
 MODELS = CLASSIFIERS  # name -> untrained model, 100 classes

@@ -90,14 +90,14 @@ from tqdm import tqdm
 
 import pfa_fx
 
-try:  # run as python benchmarks/timm_ablation.py: this folder is on sys.path
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _ablation_data import load_data, load_mnist_idx
     from _ablation_models import create_model, label, parse_spec
     from _ablation_plots import plot, plot_curves
     from _ablation_report import write_markdown
     from _ablation_training import curve_steps, decay_budget, grad_angles, lr_at, run_model
     from _shared import write_rows
-except ImportError:  # loaded from the repository root (the tests)
+except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._ablation_data import load_data, load_mnist_idx
     from benchmarks._ablation_models import create_model, label, parse_spec
     from benchmarks._ablation_plots import plot, plot_curves

@@ -9,11 +9,11 @@ and, here, the converted variants they name (``RULES``) and the pfa_fx internals
 
 Imported as ``_shared`` (a script run as ``python benchmarks/<script>.py`` has this folder on
 ``sys.path``) or as ``benchmarks._shared`` (imported from the repository root), hence in
-every benchmark module::
+every benchmark module, one line per module imported from::
 
-    try:  # run as a script
+    try:  # run as python benchmarks/<script>.py: this folder is on sys.path
         from _shared import RULES, emit
-    except ImportError:  # imported as benchmarks.<module>
+    except ImportError:  # imported as benchmarks.<module> from the repository root
         from benchmarks._shared import RULES, emit
 """
 
