@@ -7,14 +7,10 @@
 
 and, here, the converted variants they name (``RULES``) and the pfa_fx internals they use.
 
-Imported as ``_shared`` (a script run as ``python benchmarks/<script>.py`` has this folder on
-``sys.path``) or as ``benchmarks._shared`` (imported from the repository root), hence in
-every benchmark module, one line per module imported from::
-
-    try:  # run as python benchmarks/<script>.py: this folder is on sys.path
-        from _shared import RULES, emit
-    except ImportError:  # imported as benchmarks.<module> from the repository root
-        from benchmarks._shared import RULES, emit
+A benchmark module imports this as ``_shared`` when its script runs as ``python
+benchmarks/<script>.py`` (which puts this folder on ``sys.path``), else as
+``benchmarks._shared`` (imported from the repository root, as the tests do): a ``try`` of the
+first, ``except ImportError`` the second, one import line per module in each.
 """
 
 from __future__ import annotations
