@@ -52,12 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 
-import timm
 import torch
 import torch._dynamo
 import torch._inductor.lowering  # select_decomp_table consults the lowerings
 import torch.nn.functional as F
-import torchvision
 from torch import fx, nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -65,18 +63,15 @@ from torch._inductor.decomposition import select_decomp_table
 
 import pfa_fx
 
-try:
-    from _shared import RULES, cpu_name, emit
-except ImportError:  # imported as benchmarks.<script> from the repository root
-    from benchmarks._shared import RULES, cpu_name, emit
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
+    from _shared import CLASSIFIERS, RULES, command_line, emit, threads_line
+except ImportError:  # imported as benchmarks.<module> from the repository root
+    from benchmarks._shared import CLASSIFIERS, RULES, command_line, emit, threads_line
 
 # name -> (constructor, input size in px)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=100), 32),
-    "vit_small": (
-        lambda: timm.create_model("vit_small_patch16_224", num_classes=100, dynamic_img_size=True),
-        64,
-    ),
+    "resnet18": (CLASSIFIERS["resnet18"], 32),
+    "vit_small": (CLASSIFIERS["vit_small"], 64),
 }
 
 DEFAULT_RULES = ["fa", "sf", "kp", "pfa-compact", "dfa", "wm", "pal"]
@@ -194,10 +189,6 @@ def outputs_diff(g: Graphs, ref: Graphs) -> str:
     return f"{d:+d} ({d - saved:+d} not saved for backward)"
 
 
-def machine() -> str:
-    return f"{cpu_name()}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
-
-
 def run_model(model_name: str, variants: list[str], batch: int) -> tuple[list[str], list[str]]:
     """Rows of the breaks table and of the graph-diff table for one model."""
     torch.manual_seed(0)
@@ -249,8 +240,8 @@ def run_model(model_name: str, variants: list[str], batch: int) -> tuple[list[st
 def report(break_rows: list[str], diff_rows: list[str], args: argparse.Namespace) -> str:
     sizes = ", ".join(f"{m} {MODELS[m][1]} px" for m in args.models)
     return (
-        f"{machine()}, {date.today()}, batch {args.batch}, {sizes}\n\n"
-        f"`{' '.join(['python', *sys.argv])}`\n\n"
+        f"{threads_line()}, {date.today()}, batch {args.batch}, {sizes}\n\n"
+        f"`{command_line()}`\n\n"
         "Graph breaks (`torch._dynamo.explain`, eager backend):\n\n"
         "| model | variant | graphs | breaks | reasons |\n"
         "|---|---|---|---|---|\n" + "\n".join(break_rows) + "\n\n"

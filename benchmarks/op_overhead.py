@@ -56,10 +56,10 @@ from torch import nn
 import pfa_fx
 from pfa_fx import ops
 
-try:
-    from _shared import RULES, cpu_name, emit
-except ImportError:  # imported as benchmarks.<script> from the repository root
-    from benchmarks._shared import RULES, cpu_name, emit
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
+    from _shared import RULES, command_line, emit, threads_line
+except ImportError:  # imported as benchmarks.<module> from the repository root
+    from benchmarks._shared import RULES, command_line, emit, threads_line
 
 MODELS = ("test_vit", "test_convnext", "test_resnet")
 
@@ -212,16 +212,12 @@ def bench_model(name: str, args: argparse.Namespace, ref_ops) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    return f"{cpu_name()}, {torch.get_num_threads()} thread(s) (torch {torch.__version__}, timm {timm.__version__})"
-
-
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
-        f"{machine()}, {date.today()}, batch {args.batch}, "
+        f"{threads_line()}, {date.today()}, batch {args.batch}, "
         f"{'default input size' if args.size is None else f'{args.size} px'}, SGD momentum, "
         f"median of {args.repeats} interleaved steps, {args.clock} clock\n\n"
-        f"`{' '.join(['python', *sys.argv])}`\n\n"
+        f"`{command_line()}`\n\n"
         "| model | variant | weight ops | step ms | × BP | (rule − BP) µs per op |\n"
         "|---|---|---|---|---|---|\n"
     )

@@ -54,26 +54,18 @@ from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import pfa_fx
-from pfa_fx.weights import WEIGHT_MODULES
 
-try:
-    from _shared import cpu_name, emit
-except ImportError:  # imported as benchmarks.<script> from the repository root
-    from benchmarks._shared import cpu_name, emit
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
+    from _shared import CLASSIFIERS, WEIGHT_MODULES, command_line, cpu_name, emit
+except ImportError:  # imported as benchmarks.<module> from the repository root
+    from benchmarks._shared import CLASSIFIERS, WEIGHT_MODULES, command_line, cpu_name, emit
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "resnet18": lambda: torchvision.models.resnet18(num_classes=100),
-    "resnet50": lambda: torchvision.models.resnet50(num_classes=100),
-    "vit_small": lambda: timm.create_model("vit_small_patch16_224", num_classes=100, dynamic_img_size=True),
-    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=100),
-}
+MODELS = CLASSIFIERS  # name -> untrained model, 100 classes
 
 # name -> (rule, options); None is native BP
 VARIANTS: dict[str, tuple[str, dict] | None] = {
@@ -305,7 +297,7 @@ def table(rows: list[dict], notes: list[str], args: argparse.Namespace) -> str:
         f"{machine(args)}, {date.today()}, batch {args.batch}, {args.size} px{amp}"
         f"{', channels_last' if args.channels_last else ''}{comp}, "
         f"median of {args.repeats} interleaved steps\n\n"
-        f"`{' '.join(['python', *sys.argv])}`\n\n"
+        f"`{command_line()}`\n\n"
         "| model | variant | mode | step ms | × BP (same mode) | × eager | Δ/op µs | saved activations × BP "
         "| params+opt state MB | peak mem × BP |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
