@@ -10,22 +10,29 @@ parameter names are unchanged, so checkpoints keep loading.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import eager, fx_trace
-from .errors import ConversionError, ConversionTypeError, TraceError
+from .audit import weights_on_backprop
+from .capture import eager, export, fx_trace
+from .checkpoint import eager_load_state_dict
+from .errors import ConversionError, ConversionTypeError, TraceError, did_you_mean
 from .graph_module import ConvertedModule
 from .install import FeedbackInstaller, finish
 from .mapping import RuleSpec, check_spec, mapping_problems
 from .node import FeedbackNode
 from .registry import NAMESPACE, feedback_modules, set_op_readers
-from .rewrite import Rewriter, weight_op_readers
+from .rewrite import Rewriter, matrix_products_left, weight_op_readers
 from .weights import hidden_weights
+
+#: the front ends ``convert(capture=...)`` accepts
+CAPTURES = ("auto", "fx", "export", "eager")
 
 
 def convert(
@@ -35,6 +42,8 @@ def convert(
     seed: int = 0,
     fallback: bool = True,
     strict: bool = False,
+    capture: str = "auto",
+    example_inputs: Any = None,
     **rule_options: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` whose weight ops send errors through feedback weights.
@@ -55,9 +64,19 @@ def convert(
             warning; where even the model's own forward cannot be traced, return the
             model's own class with its forward run under interception. ``False`` raises
             :class:`TraceError` naming the module at fault instead.
-        strict: raise :class:`ConversionError` if any Linear/Conv/attention weight would
-            stay on BP (other than ops the rule mapping keeps native on purpose), or if an
-            entry of the rule mapping decides no op.
+        strict: raise :class:`ConversionError` naming every parameter of two or more
+            dimensions that would stay on BP as an operand of a matrix product or
+            convolution (other than ops the rule mapping keeps native on purpose), or if an
+            entry of the rule mapping decides no op. Without ``strict`` the same list is a
+            warning.
+        capture: how the weight ops are found. ``"auto"`` (default): torch.fx symbolic
+            tracing; where the model's own forward defeats it, torch.export (needs example
+            inputs: ``example_inputs`` or a Hugging Face model's ``dummy_inputs``); where
+            that fails too, the eager interception (``fallback``). ``"fx"``, ``"export"``
+            or ``"eager"`` asks for one front end (``"eager"``: the model's forward run with
+            its weight ops intercepted, no graph). :func:`report` names each op's front end.
+        example_inputs: inputs for torch.export: a dict of keyword tensors, a tensor or a
+            tuple of positional tensors. Their batch and sequence sizes are not baked in.
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
             ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf),
             ``sigma``, ``mirror_lr``, ``decay`` (wm), ``sigma``, ``feedback_lr``, ``decay`` (pal).
@@ -65,8 +84,9 @@ def convert(
     Returns:
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
         the same parameter names, and feedback state under ``pfa_feedback.<op name>``;
-        or, for a model whose forward cannot be traced at all (``fallback=True``), a copy
-        of the model itself whose forward intercepts its weight ops. Its ``state_dict``
+        or, through torch.export or the eager interception, a copy of the model of its
+        own class (``generate`` and the rest kept) whose forward runs the rewritten
+        graph, or intercepts its weight ops. Its ``state_dict``
         records each op's rule, options and seed, and ``load_state_dict`` refuses a
         checkpoint of another configuration with a :class:`ConversionError` naming both.
 
@@ -85,7 +105,8 @@ def convert(
     check_spec(rule, rule_options)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConversionTypeError(f"seed must be an int, got {seed!r}")
-    converted, root, installer = _build(model, rule, rule_options, seed, fallback)
+    _check_capture(capture)
+    converted, root, installer = _build(model, rule, rule_options, seed, fallback, capture, example_inputs)
     problems = mapping_problems(rule, installer.owners)
     if strict and problems:
         raise ConversionError(
@@ -93,11 +114,13 @@ def convert(
         )
     for problem in problems:
         warnings.warn(f"pfa_fx: {problem}.", UserWarning, stacklevel=2)
-    _check_strict(root, converted, strict)
+    _check_strict(root, converted, installer, strict, example_inputs)
     return converted
 
 
-def op_names(model: nn.Module, *, fallback: bool = True) -> list[str]:
+def op_names(
+    model: nn.Module, *, fallback: bool = True, capture: str = "auto", example_inputs: Any = None
+) -> list[str]:
     """The op names :func:`convert` gives ``model``'s weight ops, in graph order, without
     converting it: the names a rule mapping's patterns are matched against
     (``"layer1.0.conv1"``, ``"fc"``, ``"blocks.0.attn.qkv"``; for
@@ -110,7 +133,9 @@ def op_names(model: nn.Module, *, fallback: bool = True) -> list[str]:
     ['conv1', 'layer1.0.conv1', 'layer1.0.conv2']
     """
     _check_convertible(model)
-    _, _, installer = _build(model, {}, {}, 0, fallback)  # an empty mapping: every op stays native
+    _check_capture(capture)
+    # an empty mapping: every op stays native
+    _, _, installer = _build(model, {}, {}, 0, fallback, capture, example_inputs)
     return list(installer.owners)
 
 
@@ -128,31 +153,67 @@ def _check_convertible(model: Any) -> None:
         raise ConversionError(f"the model already has a child named {NAMESPACE!r}, the feedback namespace")
 
 
+def _check_capture(capture: Any) -> None:
+    if capture not in CAPTURES:
+        raise ConversionError(
+            f"unknown capture {capture!r}; valid: {', '.join(map(repr, CAPTURES))}{did_you_mean(capture, CAPTURES)}"
+        )
+
+
 def _build(
-    model: nn.Module, rule: Any, rule_options: Mapping[str, Any], seed: int, fallback: bool
+    model: nn.Module,
+    rule: Any,
+    rule_options: Mapping[str, Any],
+    seed: int,
+    fallback: bool,
+    capture: str = "auto",
+    example_inputs: Any = None,
 ) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
     """The conversion itself: ``(converted model, traced copy, installer)``. Warnings are
     attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
     root = copy.deepcopy(model)
-    try:
-        train_graph, eval_graph, leaf_paths = fx_trace.trace_modes(root, fallback)
-    except TraceError as err:
+    failures: list[str] = []
+    if capture in ("auto", "fx"):
+        try:
+            return _from_fx(root, model, rule, rule_options, seed, fallback)
+        except TraceError as err:
+            if capture == "fx" and not fallback:
+                raise
+            failures.append(str(err).rstrip(". "))
+    if capture in ("auto", "export"):
+        kwargs = export.example_kwargs(root, example_inputs)
+        if kwargs is None:
+            failures.append("torch.export needs example inputs: pass example_inputs=")
+        else:
+            try:
+                converted, installer = _from_export(root, kwargs, rule, rule_options, seed)
+                return converted, root, installer
+            except TraceError as err:
+                failures.append(str(err).rstrip(". "))
+    if capture != "eager":
         if not fallback:
-            raise
-        # the trace error ends without a full stop (it quotes the exception): add one
+            raise TraceError("; ".join(failures))
+        # the trace errors end without a full stop (they quote the exception): add one
         warnings.warn(
-            f"pfa_fx: {str(err).rstrip('. ')}. The whole forward runs eagerly instead, with every "
-            "Linear/Conv/attention weight op intercepted at run time (no GraphModule).",
+            f"pfa_fx: {'; '.join(failures)}. The whole forward runs eagerly instead, with every "
+            "Linear/Conv/attention weight op intercepted at run time (no graph).",
             stacklevel=3,
         )
-        installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
-        return eager.convert_eagerly(root, installer, err.reason), root, installer
+    installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
+    reason = failures[0] if failures else "capture='eager'"
+    return eager.convert_eagerly(root, installer, reason), root, installer
+
+
+def _from_fx(
+    root: nn.Module, model: nn.Module, rule: Any, rule_options: Mapping[str, Any], seed: int, fallback: bool
+) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
+    train_graph, eval_graph, leaf_paths = fx_trace.trace_modes(root, fallback)
     for path, reason in leaf_paths.items():
         m = root.get_submodule(path)
         warnings.warn(
             f"pfa_fx: module '{path}' ({type(m).__qualname__}) cannot be traced by torch.fx ({reason}); "
             "it runs as one opaque call whose weight ops are intercepted at run time.",
-            stacklevel=3,
+            stacklevel=4,
         )
     gm = ConvertedModule(root, train_graph, eval_graph, type(model).__name__)
     installer = FeedbackInstaller(gm, rule, dict(rule_options), seed)
@@ -162,22 +223,88 @@ def _build(
     gm.train(model.training)
     gm.recompile()
     installer.record(gm, leaf_paths)
+    gm.__dict__["_pfa_left"] = matrix_products_left(gm, (train_graph, eval_graph), installer)
     set_op_readers(gm, weight_op_readers(gm, train_graph))
     finish(gm)
     return gm, root, installer
 
 
-def _check_strict(root: nn.Module, converted: nn.Module, strict: bool) -> None:
-    """With ``strict``, every weight-op weight must have feedback or be kept on BP on purpose."""
-    if not strict:
-        return
+def _from_export(
+    root: nn.Module, kwargs: dict[str, Any], rule: Any, rule_options: Mapping[str, Any], seed: int
+) -> tuple[nn.Module, FeedbackInstaller]:
+    """``root`` (the copy) converted in place through torch.export, keeping its class."""
+    captured = export.export_modes(root, kwargs)
+    installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
+    installer.path = "export graph"
+    rewriter = Rewriter(root, root, installer)
+    graphs = tuple(captured.graphs.values())
+    for graph in graphs:
+        rewriter.rewrite(graph)
+    # calls the graph was not captured for (generate's KV cache, labels) run eagerly through the same nodes
+    root.pfa_routes = tuple((h.param_path, h.key) for h in hidden_weights(root, "") if installer.made.get(h.key))
+    installer.record(root, {})
+    root.__dict__["_pfa_left"] = matrix_products_left(root, graphs, installer)
+    export.install_forwards(root, captured)
+    root.load_state_dict = types.MethodType(eager_load_state_dict, root)
+    set_op_readers(root, weight_op_readers(root, captured.graphs[True]))
+    finish(root)
+    return root, installer
+
+
+def _check_strict(
+    root: nn.Module, converted: nn.Module, installer: FeedbackInstaller, strict: bool, example_inputs: Any
+) -> None:
+    """Every parameter of two or more dimensions that stays on BP as an operand of a matrix
+    product or convolution: an error with ``strict``, else a warning. ``strict`` also
+    refuses weight-op modules no converted op reaches."""
+    left = converted.__dict__.get("_pfa_left")
+    if left is None:  # converted without a graph: see what one forward leaves on BP
+        kwargs = export.example_kwargs(converted, example_inputs)
+        left = _probe_left(converted, kwargs, installer) if kwargs is not None else {}
     problems = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()]
-    made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
-    for h in hidden_weights(root, ""):
-        if h.key not in made and not h.key.startswith(NAMESPACE):
-            problems.append(f"{h.param_path}: never reached by a converted op")
-    if problems:
-        raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
+    problems += [f"{p}: {why}" for p, why in left.items()]
+    unreached = []
+    if strict:
+        made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
+        listed = set(left)
+        for h in hidden_weights(root, ""):
+            if h.key not in made and not h.key.startswith(NAMESPACE) and h.param_path not in listed:
+                unreached.append(f"{h.param_path}: never reached by a converted op")
+    if not problems and not unreached:
+        return
+    lines = "\n  ".join(problems + unreached)
+    if strict:
+        raise ConversionError(f"strict=True: these weight ops would stay on BP:\n  {lines}")
+    warnings.warn(
+        f"pfa_fx: these weight ops stay on BP (keep them native on purpose with a rule mapping entry "
+        f"mapping them to None; strict=True makes this an error):\n  {lines}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _probe_left(converted: nn.Module, kwargs: dict[str, Any], installer: FeedbackInstaller) -> dict[str, str]:
+    """Parameters left on BP in the autograd graph of one eval-mode forward (no backward):
+    the check for models converted without a graph."""
+    was_training = converted.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            converted.eval()
+            out = converted(**kwargs)
+    except Exception:  # the model needs other inputs: nothing to conclude
+        return {}
+    finally:
+        converted.train(was_training)
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    if not leaves:
+        return {}
+    total = sum(t.float().sum() for t in leaves)
+    kept = set(installer.kept_native)
+    return {
+        name: "an operand of a matrix product the interception does not route"
+        for name in weights_on_backprop(total, converted)
+        if name.rpartition(".")[0] not in kept and name not in kept
+    }
 
 
 __all__ = ["convert", "op_names"]

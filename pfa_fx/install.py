@@ -45,6 +45,7 @@ class FeedbackInstaller:
         self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
         self.skipped: dict[str, str] = {}  # weight ops the pass could not convert, with why
         self.flat_names: dict[str, str] = {}  # op name -> the graph's flat attribute for its node
+        self.path = "graph"  # the front end graph ops come from, as report() names it
 
     def node_for(
         self,
@@ -52,7 +53,7 @@ class FeedbackInstaller:
         weight: torch.Tensor,
         groups: int,
         owner: nn.Module | None,
-        path: str = "graph",
+        path: str | None = None,
         transposed: bool = False,
     ) -> FeedbackNode | None:
         """The node of the op named ``key`` (made on first use); None keeps it native."""
@@ -73,7 +74,7 @@ class FeedbackInstaller:
             rule, opts = resolved
             node = make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key, transposed)
             node.op_name = key
-            node.conversion_path = path
+            node.conversion_path = path or self.path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
             place_node(self.namespace, key, node)
         else:
@@ -87,6 +88,9 @@ class FeedbackInstaller:
         if node is not None and h.bank is not None:
             node._weight_ref = [h.bank]  # the parameter itself: follows .to() and loads
             node.expert_bank = True
+        if node is not None and h.in_out is not None:
+            node._weight_ref = [h.in_out]  # the (in, out) parameter itself, used as x @ W
+            node.param_transposed = True
         return node
 
     def flat_name(self, key: str) -> str:

@@ -37,10 +37,21 @@ from .weights import (
     weights_passed_to,
 )
 
-_LINEAR_FNS = {F.linear}
-_MATMUL_FNS = {operator.matmul, torch.matmul}
-_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONV_T_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+aten = torch.ops.aten
+# torch.fx graphs call the Python functions; torch.export's training IR calls the aten ops,
+# whose schemas take the same arguments in the same order
+_LINEAR_FNS = {F.linear, aten.linear.default}
+_MATMUL_FNS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default, aten.mm.default}
+_ADDMM_FNS = {torch.addmm, aten.addmm.default}
+_CONV_FNS = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONV_T_FNS = {
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input,
+    aten.conv_transpose3d.input,
+}
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONV_T_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -71,7 +82,7 @@ class Rewriter:
                 node.target in _LINEAR_FNS or node.target in _CONV_FNS or node.target in _CONV_T_FNS
             ):
                 self._rewrite_function_call(graph, node)
-            elif node.op == "call_function" and node.target in _MATMUL_FNS:
+            elif node.op == "call_function" and (node.target in _MATMUL_FNS or node.target in _ADDMM_FNS):
                 self._rewrite_matmul_with_parameter(graph, node)
             elif (
                 node.op == "call_function"
@@ -157,6 +168,8 @@ class Rewriter:
             return
         weight = self.gm.get_parameter(param_path) if is_param(self.gm, param_path) else self.gm.get_buffer(param_path)
         key = param_path[: -len(".weight")] if param_path.endswith(".weight") else param_path
+        if scope and key != scope and getattr(owner, "weight", None) is weight:
+            key = scope  # a tied weight (an LM head sharing the embedding): named after the module applying it
         groups = bound.get("groups", 1)
         if not isinstance(groups, int):
             # e.g. CondConv: one kernel per sample, mixed from experts by input-dependent
@@ -194,25 +207,27 @@ class Rewriter:
         _replace_call(graph, node, new, fb)
 
     def _rewrite_matmul_with_parameter(self, graph: fx.Graph, node: fx.Node) -> None:
-        """``x @ Pᵀ`` with a 2-D parameter ``P`` (the relative-position tables of
-        BoTNet/HaloNet attention) is ``F.linear(x, P)``, and ``x @ P`` (SwiftFormer's
-        ``q @ w_g``) is ``F.linear(x, Pᵀ)``: the error to ``x`` runs through ``P``, so it
-        gets feedback like any weight, held as ``(out, in)`` as nn.Linear holds its own."""
-        if len(node.args) != 2 or node.kwargs:
+        """A matrix product whose right operand is a 2-D parameter ``P`` is a weight op:
+        ``x @ Pᵀ`` (the relative-position tables of BoTNet/HaloNet attention) is
+        ``F.linear(x, P)``; ``x @ P`` (SwiftFormer's ``q @ w_g``) and ``torch.addmm(b, x, P)``
+        (Hugging Face's ``Conv1D``, which stores ``(in, out)``) are ``F.linear(x, Pᵀ, b)``.
+        The error to ``x`` runs through ``P``, so it gets feedback like any weight, held as
+        ``(out, in)`` as nn.Linear holds its own."""
+        bias = None
+        if node.target in _ADDMM_FNS:
+            if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+                return
+            if set(node.kwargs) - {"beta", "alpha"} or not _is_vector(self.gm, node.args[0]):
+                return  # F.linear's bias is a vector
+            bias, x, operand = node.args
+        elif len(node.args) == 2 and not node.kwargs:
+            x, operand = node.args
+        else:
             return
-        x, operand = node.args
         if not isinstance(operand, fx.Node):
             return
         src, pt = operand, None
-        if operand.op == "call_method" and len(operand.users) == 1:
-            is_t = operand.target == "t" and len(operand.args) == 1
-            is_transpose = (
-                operand.target == "transpose"
-                and len(operand.args) == 3
-                and {operand.args[1], operand.args[2]} in ({-1, -2}, {0, 1})
-            )
-            if not (is_t or is_transpose):
-                return
+        if _is_matrix_transpose(operand):
             src, pt = operand.args[0], operand
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):
             return
@@ -236,7 +251,7 @@ class Rewriter:
             fb.param_transposed = True
         with graph.inserting_before(node):
             w = src if pt is not None else graph.call_method("t", (src,))
-            new = graph.call_function(ops.feedback_linear, (x, w, None, self._feedback_attr(graph, key)))
+            new = graph.call_function(ops.feedback_linear, (x, w, bias, self._feedback_attr(graph, key)))
         _replace_call(graph, node, new, fb)
         if pt is not None:
             graph.erase_node(pt)
@@ -267,6 +282,35 @@ def _replace_call(graph: fx.Graph, old: fx.Node, new: fx.Node, fb: FeedbackNode 
     new.meta = dict(old.meta)
     old.replace_all_uses_with(new)
     graph.erase_node(old)
+
+
+def _is_matrix_transpose(n: fx.Node) -> bool:
+    """``P.t()``, ``P.T``, ``P.transpose(0, 1)`` / ``(-1, -2)``, ``P.permute(1, 0)`` of a
+    matrix, used once (the rewrite replaces its one use)."""
+    if len(n.users) != 1 or n.op not in ("call_method", "call_function"):
+        return False
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    name = name.split(".")[0]  # aten overloads: "t.default", "transpose.int"
+    if name == "t":
+        return len(n.args) == 1
+    if name == "transpose":
+        return len(n.args) == 3 and {n.args[1], n.args[2]} in ({-1, -2}, {0, 1})
+    if name == "permute":
+        dims = n.args[1:] if n.op == "call_method" and len(n.args) == 3 else n.args[1] if len(n.args) == 2 else ()
+        return list(dims) == [1, 0]
+    return False
+
+
+def _is_vector(gm: nn.Module, n: Any) -> bool:
+    """Whether a graph argument is a 1-D tensor: a parameter or buffer, or a node whose
+    example value (torch.export records one) is 1-D."""
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "get_attr":
+        t = attr(gm, n.target)
+        return isinstance(t, torch.Tensor) and t.dim() == 1
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 1
 
 
 def _transposed_output_padding(m: nn.Module, x: torch.Tensor, output_size: Any) -> list[int]:
@@ -308,4 +352,75 @@ def weight_op_readers(model: nn.Module, graph: fx.Graph) -> dict[str, list[str]]
     return readers
 
 
-__all__ = ["Rewriter", "weight_op_readers"]
+# every product of an operand with a weight (what BP would transport an error through)
+_PRODUCT_FNS = {
+    *_LINEAR_FNS,
+    *_MATMUL_FNS,
+    *_ADDMM_FNS,
+    *_CONV_FNS,
+    *_CONV_T_FNS,
+    torch.bmm,
+    torch.baddbmm,
+    torch.einsum,
+    torch.tensordot,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.einsum.default,
+    aten.addmv.default,
+    aten.mv.default,
+}
+# ops that only re-lay, cast or select from a tensor: a weight seen through them is still the weight
+_PASS_THROUGH = {
+    "view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to",
+    "float", "half", "bfloat16", "type", "clone", "alias", "_to_copy", "select", "slice", "getitem", "chunk",
+    "split", "unbind", "narrow", "flatten", "view_as", "reshape_as", "expand_as", "index", "unflatten",
+}  # fmt: skip
+
+
+def matrix_products_left(model: nn.Module, graphs: tuple[fx.Graph, ...], nodes: FeedbackInstaller) -> dict[str, str]:
+    """``{parameter path: why}`` for every parameter of two or more dimensions that a
+    rewritten graph still uses as an operand of a matrix product or convolution (through
+    views, transposes and slices only): errors that stay on BP. Ops the rule mapping keeps
+    native on purpose are not listed."""
+    converted = {id(n._weight_ref[0]) for n in nodes.made.values() if n is not None}
+    left: dict[str, str] = {}
+    for graph in dict.fromkeys(graphs):
+        for n in graph.nodes:
+            if n.op == "call_module":
+                m = model.get_submodule(n.target)
+                if is_plain_weight_module(m) and id(m.weight) not in converted and n.target not in nodes.kept_native:
+                    left.setdefault(f"{n.target}.weight", f"weight of {type(m).__name__} '{n.target}'")
+                continue
+            if n.op != "call_function" or n.target not in _PRODUCT_FNS:
+                continue
+            for arg in n.all_input_nodes:
+                path = _parameter_behind(model, arg)
+                if path is None:
+                    continue
+                p = attr(model, path)
+                key = path[: -len(".weight")] if path.endswith(".weight") else path
+                if id(p) in converted or key in nodes.kept_native or n.meta.get("pfa_scope") in nodes.kept_native:
+                    continue
+                what = getattr(n.target, "__name__", str(n.target))
+                left.setdefault(
+                    path, f"an operand of {what} ({n.meta.get('pfa_scope') or 'the model'}) the pass cannot route"
+                )
+    return left
+
+
+def _parameter_behind(model: nn.Module, n: fx.Node, depth: int = 8) -> str | None:
+    """The ≥2-D parameter a node is, seen through ops that only re-lay or select from it."""
+    for _ in range(depth):
+        if n.op == "get_attr":
+            t = attr(model, n.target)
+            return n.target if isinstance(t, nn.Parameter) and t.dim() >= 2 else None
+        if n.op not in ("call_method", "call_function"):
+            return None
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if name.split(".")[0] not in _PASS_THROUGH or not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        n = n.args[0]
+    return None
+
+
+__all__ = ["Rewriter", "matrix_products_left", "weight_op_readers"]

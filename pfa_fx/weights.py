@@ -4,6 +4,7 @@ inside code that tracing keeps opaque, and the parameter a computed weight comes
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +18,15 @@ WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 _PLAIN_FORWARDS = {m.forward for m in WEIGHT_MODULES}
 #: nn.MultiheadAttention's input projections (bare parameters, no Linear of their own)
 MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def in_out_linear_modules() -> tuple[type[nn.Module], ...]:
+    """Modules that hold a linear map's weight as ``(in, out)`` and apply it as
+    ``x @ W (+ b)``: Hugging Face's ``Conv1D`` (GPT-2, GPT, ...). Looked up only where
+    transformers is already imported: a model holding one has imported it."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
 
 
 def is_plain_weight_module(m: nn.Module) -> bool:
@@ -35,12 +45,14 @@ class HiddenWeight(NamedTuple):
     owner: nn.Module
     transposed: bool = False
     bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
+    in_out: torch.Tensor | None = None  # an (in, out) parameter (``weight`` is its transpose)
 
 
 def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
     """Weight-op weights inside a module that stays opaque: Linear/Conv weights and
     ``nn.MultiheadAttention``'s input projections."""
     found = []
+    in_out = in_out_linear_modules()
     for rel, sub in m.named_modules():
         base = ".".join(p for p in (path, rel) if p)
         prefix = f"{base}." if base else ""
@@ -50,6 +62,8 @@ def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
             kernels = sub.weight.detach().reshape(bank)
             groups = sub.num_experts * getattr(sub, "groups", 1)
             found.append(HiddenWeight(f"{prefix}weight", base or "weight", kernels, groups, sub, False, sub.weight))
+        elif in_out and isinstance(sub, in_out) and isinstance(sub.weight, torch.Tensor) and sub.weight.dim() == 2:
+            found.append(HiddenWeight(f"{prefix}weight", base or "weight", sub.weight.t(), 1, sub, in_out=sub.weight))
         elif isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
             groups, transposed = getattr(sub, "groups", 1), isinstance(sub, TRANSPOSED_MODULES)
             found.append(HiddenWeight(f"{prefix}weight", base or "weight", sub.weight, groups, sub, transposed))
@@ -146,6 +160,7 @@ __all__ = [
     "expert_bank_shape",
     "get_module",
     "hidden_weights",
+    "in_out_linear_modules",
     "is_param",
     "is_plain_weight_module",
     "source_parameter",

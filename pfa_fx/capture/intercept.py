@@ -35,6 +35,8 @@ _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding"
 # the optional arguments after (input, weight, bias), in the functions' own order
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _CONV_T_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+_MATMUL = {torch.matmul, torch.mm, Tensor.matmul, Tensor.mm, Tensor.__matmul__}
+_ADDMM = {torch.addmm}
 _PATCHED = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
@@ -55,13 +57,50 @@ def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int
     return None
 
 
-def _route_matmul(args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
-    """``routing @ bank`` on a routed bank of expert kernels (timm's CondConv)."""
-    if len(args) == 2 and not kwargs and isinstance(args[1], Tensor):
-        node = routes.get(id(args[1]))
+def _matmul_weight(w: Any, routes: dict[int, FeedbackNode]) -> tuple[FeedbackNode, Tensor] | None:
+    """``(node, W)`` where the right operand of a matrix product is a routed weight: an
+    ``(in, out)`` parameter itself (``x @ W``, HF Conv1D), or the transpose of an
+    ``(out, in)`` one (``x @ W.T``); ``W`` is then the ``(out, in)`` weight of ``F.linear``."""
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        return None
+    node = routes.get(id(w))
+    if node is not None:
+        return (node, w.t()) if node.param_transposed else None
+    base = w._base
+    node = routes.get(id(base)) if base is not None else None
+    if node is None or node.param_transposed or base.dim() != 2:
+        return None
+    if tuple(w.shape) == tuple(base.shape)[::-1] and w.stride() == base.stride()[::-1]:
+        return node, w.t()
+    return None
+
+
+def _route_matmul(func: Callable, args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
+    """A matrix product with a routed weight as its right operand, as ``F.linear``:
+    ``x @ W``, ``torch.mm``/``matmul``, ``torch.addmm(b, x, W)`` (HF Conv1D); and
+    ``routing @ bank`` on a routed bank of expert kernels (timm's CondConv)."""
+    if func in _ADDMM:
+        names = ("input", "mat1", "mat2")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        if set(bound) - set(names) - {"beta", "alpha"} or bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1:
+            return func(*args, **kwargs)
+        bias, x, w = bound.get("input"), bound.get("mat1"), bound.get("mat2")
+        if not (isinstance(bias, Tensor) and bias.dim() == 1):
+            return func(*args, **kwargs)  # F.linear's bias is a vector
+    elif len(args) == 2 and not kwargs:
+        (x, w), bias = args, None
+        node = routes.get(id(w)) if func is torch.matmul and isinstance(w, Tensor) else None
         if node is not None and getattr(node, "expert_bank", False):
-            return ops.feedback_expert_mix(args[0], args[1], node)
-    return torch.matmul(*args, **kwargs)
+            return ops.feedback_expert_mix(x, w, node)
+    else:
+        return func(*args, **kwargs)
+    hit = _matmul_weight(w, routes)
+    if hit is None or not isinstance(x, Tensor) or x.dim() == 0:
+        return func(*args, **kwargs)
+    node, weight = hit
+    op = ops.feedback_linear if node.traceable_backward else ops.BETWEEN_GRAPHS[ops.feedback_linear]
+    return op(x, weight, bias, node)
 
 
 def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, FeedbackNode]) -> Any:
@@ -120,8 +159,8 @@ class _RouteWeightOps(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _LINEAR or func in _CONV or func in _CONV_T:
             return _route_call(func, args, kwargs, self.routes)
-        if func is torch.matmul:
-            return _route_matmul(args, kwargs, self.routes)
+        if func in _MATMUL or func in _ADDMM:
+            return _route_matmul(func, args, kwargs, self.routes)
         if inspect.isfunction(func):  # a Python composite: its inner calls must be seen too
             with _functional_patched(self.routes):
                 return func(*args, **kwargs)

@@ -1,0 +1,185 @@
+"""The torch.export front end, for models torch.fx symbolic tracing cannot take (Hugging Face
+transformers 5 models among them): one graph per mode in torch.export's training IR, which
+the same rewrite as torch.fx graphs turns into feedback-aware ops.
+
+Exporting needs example inputs: ``convert(..., example_inputs=...)`` (a dict of keyword
+tensors, or positional tensors), else a Hugging Face model's own ``dummy_inputs``. Every
+dimension of every input is exported as ``Dim.AUTO``: batch and sequence length are not
+baked in unless the model's code requires it. A forward that takes ``use_cache`` is
+captured with ``use_cache=False`` (a training step returns no cache).
+
+The converted model keeps its own class (``generate``, ``config``, ``save_pretrained``
+and the rest stay), and its forward dispatches: a call with the captured keyword
+tensors (positional ones are bound to their names) runs the rewritten graph of the
+current mode; any other call — with a KV cache or ``use_cache=True`` as ``generate``
+makes, with ``labels``, with other options — runs the class's own forward with its
+weight ops intercepted (:mod:`.intercept`), through the same feedback nodes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, fx, nn
+
+from ..errors import TraceError
+from ..registry import NAMESPACE, attr
+from . import intercept
+
+
+@dataclass
+class ExportedGraphs:
+    """What the converted model's forward needs from the capture."""
+
+    keys: tuple[str, ...]  # the captured keyword inputs, in their order
+    forced: dict[str, Any]  # keyword arguments fixed at capture (use_cache=False)
+    graphs: dict[bool, fx.Graph]  # training mode -> graph
+    out_specs: dict[bool, pytree.TreeSpec]
+    forwards: dict[bool, Callable[..., Any]] = field(default_factory=dict)
+    signature: inspect.Signature | None = None
+
+
+def example_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Tensor] | None:
+    """Keyword example inputs for ``model``: ``example_inputs`` (a mapping, a tensor or a
+    tuple of positional tensors, bound to the forward's parameter names), else the
+    model's ``dummy_inputs`` (Hugging Face models have them), else None."""
+    if example_inputs is None:
+        example_inputs = getattr(model, "dummy_inputs", None)
+        if not isinstance(example_inputs, Mapping):
+            return None
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, tuple):
+        try:
+            bound = inspect.signature(type(model).forward).bind(None, *example_inputs)
+        except TypeError as exc:
+            raise TraceError(f"example_inputs do not fit {type(model).__qualname__}.forward: {exc}") from exc
+        example_inputs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.signature.parameters))}
+    if not isinstance(example_inputs, Mapping) or not all(isinstance(v, Tensor) for v in example_inputs.values()):
+        raise TraceError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors")
+    return dict(example_inputs)
+
+
+def _forced_kwargs(model: nn.Module) -> dict[str, Any]:
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def export_modes(root: nn.Module, kwargs: dict[str, Tensor]) -> ExportedGraphs:
+    """Export ``root`` in training and in eval mode (Python forwards and dropout depend on
+    it); ``root``'s mode is restored. Raises :class:`TraceError` with torch.export's reason."""
+    forced = _forced_kwargs(root)
+    dynamic = {k: {i: torch.export.Dim.AUTO for i in range(v.dim())} for k, v in kwargs.items()}
+    dynamic.update({k: None for k in forced})
+    was_training = root.training
+    graphs, out_specs = {}, {}
+    try:
+        for mode in (True, False):
+            root.train(mode)
+            try:
+                ep = torch.export.export(root, (), {**kwargs, **forced}, dynamic_shapes=dynamic, strict=False)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                err = TraceError(
+                    f"torch.export cannot capture '{type(root).__qualname__}': {type(exc).__name__}: {first}"
+                )
+                err.path, err.reason = "", f"{type(exc).__name__}: {first}"
+                raise err from exc
+            exported = ep.module()
+            graphs[mode] = _adopt(root, exported, "train" if mode else "eval")
+            out_specs[mode] = exported._out_spec
+    finally:
+        root.train(was_training)
+    return ExportedGraphs(tuple(kwargs), forced, graphs, out_specs)
+
+
+def _adopt(root: nn.Module, exported: fx.GraphModule, mode: str) -> fx.Graph:
+    """The exported graph made to run with ``root`` as ``self``: tensors the export lifted
+    out of the code (constants) become non-persistent buffers of ``root``, its input-guard
+    module a child of ``root``; each node records the module path it came from."""
+    graph = exported.graph
+    graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the dispatcher handles pytrees
+    graph.owning_module = root
+    for i, node in enumerate(n for n in graph.nodes if n.op in ("get_attr", "call_module")):
+        if node.op == "call_module":
+            name = f"pfa_export_guards_{mode}"
+            root.add_module(name, exported.get_submodule(node.target))
+            node.target = name
+            continue
+        try:
+            attr(root, node.target)
+        except AttributeError:
+            name = f"pfa_export_const_{mode}_{i}"
+            root.register_buffer(name, attr(exported, node.target), persistent=False)
+            node.target = name
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["pfa_scope"] = next(reversed(stack.values()))[0]
+    return graph
+
+
+def install_forwards(root: nn.Module, captured: ExportedGraphs) -> None:
+    """Compile the rewritten graphs and make ``root``'s forward dispatch to them."""
+    for mode, graph in captured.graphs.items():
+        graph.lint()
+        # a GraphModule's generated forward reads every tensor through ``self``: called with
+        # root as self it sees root's current parameters, buffers and feedback nodes
+        captured.forwards[mode] = type(fx.GraphModule(root, graph)).forward
+    captured.signature = inspect.signature(type(root).forward)
+    root.__dict__["_pfa_export"] = captured
+    root.forward = types.MethodType(_exported_forward, root)
+
+
+def _exported_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Forward of a model converted through torch.export: the captured graph of the current
+    mode for calls it was captured for, else the class's own forward under interception."""
+    captured: ExportedGraphs = self.__dict__["_pfa_export"]
+    call = _captured_call(captured, args, kwargs)
+    if call is None:
+        routes = tuple((self.get_parameter(path), key) for path, key in self.pfa_routes)
+        return intercept.call_with_feedback(
+            lambda *a, **k: type(self).forward(self, *a, **k), getattr(self, NAMESPACE), routes, *args, **kwargs
+        )
+    out = captured.forwards[self.training](self, *call.values())  # placeholders: keys, then forced
+    return pytree.tree_unflatten(list(out), captured.out_specs[self.training])
+
+
+def _captured_call(captured: ExportedGraphs, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The call's keyword inputs in captured order (with the forced ones), or None when the
+    call is not one the graph was captured for."""
+    if args:
+        try:
+            bound = captured.signature.bind_partial(None, *args, **kwargs).arguments
+        except TypeError:
+            return None
+        bound.pop(next(iter(captured.signature.parameters)))
+    else:
+        bound = kwargs
+    call: dict[str, Any] = {}
+    for k, v in bound.items():
+        if v is None:
+            continue  # an optional input left at its default
+        if k in captured.forced:
+            if v != captured.forced[k]:
+                return None
+        elif k not in captured.keys or not isinstance(v, Tensor):
+            return None
+    for k in captured.keys:
+        if not isinstance(bound.get(k), Tensor):
+            return None
+        call[k] = bound[k]
+    call.update(captured.forced)
+    return call
+
+
+__all__ = ["ExportedGraphs", "example_kwargs", "export_modes", "install_forwards"]
