@@ -261,26 +261,23 @@ def _check_strict(
     if left is None:  # converted without a graph: see what one forward leaves on BP
         kwargs = export.example_kwargs(converted, example_inputs)
         left = _probe_left(converted, kwargs, installer) if kwargs is not None else {}
-    problems = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()]
-    problems += [f"{p}: {why}" for p, why in left.items()]
-    unreached = []
-    if strict:
-        made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
-        listed = set(left)
-        for h in hidden_weights(root, ""):
-            if h.key not in made and not h.key.startswith(NAMESPACE) and h.param_path not in listed:
-                unreached.append(f"{h.param_path}: never reached by a converted op")
-    if not problems and not unreached:
+    on_bp = [f"{p}: {why}" for p, why in left.items()]
+    if not strict:
+        if on_bp:
+            warnings.warn(
+                "pfa_fx: these parameters stay on BP as operands of a matrix product (map their ops to None "
+                "to keep them native on purpose; strict=True makes this an error):\n  " + "\n  ".join(on_bp),
+                UserWarning,
+                stacklevel=3,
+            )
         return
-    lines = "\n  ".join(problems + unreached)
-    if strict:
-        raise ConversionError(f"strict=True: these weight ops would stay on BP:\n  {lines}")
-    warnings.warn(
-        f"pfa_fx: these weight ops stay on BP (keep them native on purpose with a rule mapping entry "
-        f"mapping them to None; strict=True makes this an error):\n  {lines}",
-        UserWarning,
-        stacklevel=3,
-    )
+    problems = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()] + on_bp
+    made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
+    for h in hidden_weights(root, ""):
+        if h.key not in made and not h.key.startswith(NAMESPACE) and h.param_path not in left:
+            problems.append(f"{h.param_path}: never reached by a converted op")
+    if problems:
+        raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
 
 
 def _probe_left(converted: nn.Module, kwargs: dict[str, Any], installer: FeedbackInstaller) -> dict[str, str]:

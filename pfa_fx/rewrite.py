@@ -289,6 +289,8 @@ def _is_matrix_transpose(n: fx.Node) -> bool:
     matrix, used once (the rewrite replaces its one use)."""
     if len(n.users) != 1 or n.op not in ("call_method", "call_function"):
         return False
+    if n.target is getattr:  # P.T (P.mT is the same for a matrix)
+        return len(n.args) == 2 and n.args[1] in ("T", "mT")
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     name = name.split(".")[0]  # aten overloads: "t.default", "transpose.int"
     if name == "t":
@@ -417,6 +419,8 @@ def _parameter_behind(model: nn.Module, n: fx.Node, depth: int = 8) -> str | Non
         if n.op not in ("call_method", "call_function"):
             return None
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if n.target is getattr:  # P.T, P.mT
+            name = "t" if len(n.args) == 2 and n.args[1] in ("T", "mT") else ""
         if name.split(".")[0] not in _PASS_THROUGH or not n.args or not isinstance(n.args[0], fx.Node):
             return None
         n = n.args[0]

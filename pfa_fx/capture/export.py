@@ -50,8 +50,8 @@ def example_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Tensor] |
     tuple of positional tensors, bound to the forward's parameter names), else the
     model's ``dummy_inputs`` (Hugging Face models have them), else None."""
     if example_inputs is None:
-        example_inputs = getattr(model, "dummy_inputs", None)
-        if not isinstance(example_inputs, Mapping):
+        example_inputs = _hf_example_inputs(model)
+        if example_inputs is None:
             return None
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
@@ -64,6 +64,28 @@ def example_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Tensor] |
     if not isinstance(example_inputs, Mapping) or not all(isinstance(v, Tensor) for v in example_inputs.values()):
         raise TraceError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors")
     return dict(example_inputs)
+
+
+def _hf_example_inputs(model: nn.Module) -> dict[str, Tensor] | None:
+    """A Hugging Face model's example inputs: its ``dummy_inputs`` where they hold its main
+    input (text models), else images of the config's size for ``pixel_values``."""
+    main = getattr(model, "main_input_name", None)
+    if not isinstance(main, str):
+        return None
+    try:
+        dummy = model.dummy_inputs
+    except Exception:  # some models' dummy_inputs need what their config lacks
+        dummy = None
+    if isinstance(dummy, Mapping) and main in dummy and all(isinstance(v, Tensor) for v in dummy.values()):
+        return dict(dummy)
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    if main == "pixel_values" and size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return {main: torch.randn(2, getattr(config, "num_channels", 3), h, w, dtype=dtype)}
+    return None
 
 
 def _forced_kwargs(model: nn.Module) -> dict[str, Any]:
