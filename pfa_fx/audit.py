@@ -68,7 +68,9 @@ def weights_on_backprop(output: Tensor, model: nn.Module, min_dim: int = 2) -> l
         if id(fn) in seen:
             continue
         seen.add(id(fn))
-        if type(fn).__name__ in STANDARD_WEIGHT_OPS:
+        name = type(fn).__name__
+        # grouped products (MoE experts: torch._grouped_mm, transformers' grouped_mm ops) by name
+        if name in STANDARD_WEIGHT_OPS or "grouped_mm" in name.lower() or "groupedmm" in name.lower():
             names = [_weight_behind(nxt, by_id) for nxt, _ in fn.next_functions]
             # the weight transports error only if some other input receives a gradient
             # (a one-hot @ table lookup sends none through the table)

@@ -201,7 +201,11 @@ def _build(
         )
     installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
     reason = failures[0] if failures else "capture='eager'"
-    return eager.convert_eagerly(root, installer, reason), root, installer
+    try:
+        kwargs = export.example_kwargs(root, example_inputs)
+    except TraceError:
+        kwargs = None
+    return eager.convert_eagerly(root, installer, reason, kwargs), root, installer
 
 
 def _from_fx(
@@ -241,7 +245,12 @@ def _from_export(
     for graph in graphs:
         rewriter.rewrite(graph)
     # calls the graph was not captured for (generate's KV cache, labels) run eagerly through the same nodes
-    root.pfa_routes = tuple((h.param_path, h.key) for h in hidden_weights(root, "") if installer.made.get(h.key))
+    params = {id(p): name for name, p in root.named_parameters()}
+    root.pfa_routes = tuple(
+        (params[id(node._weight_ref[0])], key)
+        for key, node in installer.made.items()
+        if node is not None and id(node._weight_ref[0]) in params
+    )
     installer.record(root, {})
     root.__dict__["_pfa_left"] = matrix_products_left(root, graphs, installer)
     export.install_forwards(root, captured)

@@ -393,7 +393,7 @@ def matrix_products_left(model: nn.Module, graphs: tuple[fx.Graph, ...], nodes: 
                 if is_plain_weight_module(m) and id(m.weight) not in converted and n.target not in nodes.kept_native:
                     left.setdefault(f"{n.target}.weight", f"weight of {type(m).__name__} '{n.target}'")
                 continue
-            if n.op != "call_function" or n.target not in _PRODUCT_FNS:
+            if n.op != "call_function" or not _is_product(n.target):
                 continue
             for arg in n.all_input_nodes:
                 path = _parameter_behind(model, arg)
@@ -408,6 +408,17 @@ def matrix_products_left(model: nn.Module, graphs: tuple[fx.Graph, ...], nodes: 
                     path, f"an operand of {what} ({n.meta.get('pfa_scope') or 'the model'}) the pass cannot route"
                 )
     return left
+
+
+def _is_product(target: Any) -> bool:
+    """A matrix product or convolution: the functions and aten ops above, and grouped matrix
+    products by name (transformers' ``grouped_mm`` custom ops run MoE experts)."""
+    try:
+        if target in _PRODUCT_FNS:
+            return True
+    except TypeError:  # an unhashable target
+        return False
+    return "grouped_mm" in str(target)
 
 
 def _parameter_behind(model: nn.Module, n: fx.Node, depth: int = 8) -> str | None:

@@ -199,3 +199,27 @@ def test_torch_compile_of_a_converted_llama_has_no_more_graph_breaks_than_native
         counts[name] = torch._dynamo.explain(model)(ids).graph_break_count
     torch._dynamo.reset()
     assert counts["converted"] <= counts["native"], counts
+
+
+def test_moe_expert_banks_are_named_as_left_on_bp_and_the_router_is_converted():
+    cfg = transformers.MixtralConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with pytest.warns(UserWarning, match=r"(?s)stay on BP.*experts\.gate_up_proj.*experts\.down_proj"):
+        gm = pfa_fx.convert(model, "fa")
+    assert "model.layers.0.mlp.gate" in dict(pfa_fx.feedback_modules(gm))  # the router's bare weight
+    ids = _ids()
+    assert torch.equal(model(ids).logits, gm(ids).logits)
+    left = weights_on_backprop(gm(ids).logits.sum(), gm)  # the audit sees the grouped products too
+    assert left == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    with pytest.raises(pfa_fx.ConversionError, match=r"strict=True(?s:.*)experts\.gate_up_proj"):
+        pfa_fx.convert(model, "fa", strict=True)

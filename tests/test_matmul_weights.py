@@ -24,7 +24,7 @@ class InOut(nn.Module):
         self.bias = nn.Parameter(torch.randn(n_out, dtype=DT) * 0.1)
 
     def forward(self, x):
-        size = (*x.size()[:-1], self.weight.shape[1])
+        size = x.size()[:-1] + (self.weight.shape[1],)  # noqa: RUF005 (as Conv1D writes it: torch.fx traces it)
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
 
 
@@ -141,3 +141,44 @@ def test_export_front_end_on_a_plain_model_with_example_inputs():
     assert torch.equal(gm(x2), native(x2))
     with pytest.raises(pfa_fx.TraceError, match="example inputs"):
         pfa_fx.convert(native, "fa", capture="export", fallback=False)
+
+
+def test_the_eager_front_end_finds_matrix_parameters_a_probe_forward_applies():
+    class Routed(nn.Module):
+        """A router's bare weight (F.linear) and an (in, out) projection (x @ P) outside any
+        weight module, behind data-dependent control flow (no graph capture takes it)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6).double()
+            self.router = nn.Parameter(torch.randn(4, 6, dtype=DT) * 0.3)
+            self.proj = nn.Parameter(torch.randn(6, 3, dtype=DT) * 0.3)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x))
+            if h.sum() > 1e9:  # data-dependent: torch.fx and torch.export both refuse it
+                h = h * 2
+            return torch.cat([torch.nn.functional.linear(h, self.router), h @ self.proj], dim=-1)
+
+    torch.manual_seed(0)
+    native = Routed()
+    x = torch.randn(5, 6, dtype=DT)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        gm = pfa_fx.convert(native, "bp", example_inputs=(x,), strict=True)
+    assert {k: n.conversion_path for k, n in pfa_fx.feedback_modules(gm)} == {
+        "fc": "eager",
+        "router": "eager",
+        "proj": "eager",
+    }
+    torch.manual_seed(1)
+    y0, gx0, g0 = _run(native, x)
+    torch.manual_seed(1)
+    y1, gx1, g1 = _run(gm, x)
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-12)
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=0, atol=1e-12)
+    # without example inputs there is no probe: only the Linear is routed, and the audit names the rest
+    gm = pfa_fx.convert(native, "fa", capture="eager")
+    assert list(dict(pfa_fx.feedback_modules(gm))) == ["fc"]
+    assert pfa_fx.audit.weights_on_backprop(gm(x).sum(), gm) == ["proj", "router"]

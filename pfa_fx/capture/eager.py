@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..registry import NAMESPACE
-from ..weights import hidden_weights
+from ..weights import HiddenWeight, hidden_weights
 from . import intercept
 
 
@@ -26,11 +26,37 @@ def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     )
 
 
-def convert_eagerly(root: nn.Module, installer: FeedbackInstaller, reason: str) -> nn.Module:
+def applied_weights(root: nn.Module, kwargs: dict[str, Any] | None, known: list[HiddenWeight]) -> list[HiddenWeight]:
+    """Matrix parameters outside weight modules (a router's ``weight`` applied with
+    ``F.linear``, a projection applied as ``x @ P``) that one probe forward on example
+    inputs applies as a linear map, in the orientation it applies them."""
+    if kwargs is None:
+        return []
+    try:
+        uses = intercept.matrix_uses(root, kwargs)
+    except Exception:  # the model needs other inputs: only the weight modules are routed
+        return []
+    seen = {h.param_path for h in known}
+    found = []
+    for path, in_out in uses.items():
+        if path in seen:
+            continue
+        p = root.get_parameter(path)
+        key = path[: -len(".weight")] if path.endswith(".weight") else path
+        owner = root.get_submodule(path.rpartition(".")[0])
+        found.append(HiddenWeight(path, key, p.t() if in_out else p, 1, owner, in_out=p if in_out else None))
+    return found
+
+
+def convert_eagerly(
+    root: nn.Module, installer: FeedbackInstaller, reason: str, kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """Convert ``root`` in place (a copy of the user's model) through ``installer``, whose
-    namespace ``root`` holds; ``reason`` is why no graph could be captured."""
+    namespace ``root`` holds; ``reason`` is why no graph could be captured. Example inputs
+    (``kwargs``) let a probe forward find matrix parameters outside weight modules."""
     routes = []
-    for h in hidden_weights(root, ""):
+    known = hidden_weights(root, "")
+    for h in known + applied_weights(root, kwargs, known):
         if installer.node_for_hidden(h, "eager") is not None:
             routes.append((h.param_path, h.key))
     root.pfa_routes = tuple(routes)

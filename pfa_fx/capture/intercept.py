@@ -167,6 +167,49 @@ class _RouteWeightOps(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _RecordMatrixUses(TorchFunctionMode):
+    """Which parameters a forward applies as the weight of ``F.linear`` (``(out, in)``) or as
+    the right operand of a matrix product (``(in, out)``, or ``(out, in)`` through ``.T``)."""
+
+    def __init__(self, params: dict[int, str]):
+        super().__init__()
+        self.params, self.found = params, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            self._note(w, in_out=False)
+        elif func in _MATMUL or func in _ADDMM:
+            w = (args[2] if len(args) > 2 else kwargs.get("mat2")) if func in _ADDMM else args[-1] if args else None
+            if isinstance(w, Tensor) and id(w) in self.params:
+                self._note(w, in_out=True)
+            elif (
+                isinstance(w, Tensor) and w._base is not None and w.dim() == 2 and w.stride() == w._base.stride()[::-1]
+            ):
+                self._note(w._base, in_out=False)  # x @ P.T
+        return func(*args, **kwargs)
+
+    def _note(self, w: Any, in_out: bool) -> None:
+        if isinstance(w, Tensor) and w.dim() == 2 and id(w) in self.params:
+            self.found.setdefault(self.params[id(w)], in_out)
+
+
+def matrix_uses(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, bool]:
+    """``{parameter path: stored (in, out)}`` for the 2-D parameters one eval-mode forward on
+    ``kwargs`` applies as a linear map (no grad; modes and random state restored)."""
+    params = {id(p): name for name, p in model.named_parameters() if p.dim() == 2}
+    recorder = _RecordMatrixUses(params)
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), recorder:
+            model.eval()
+            model(**kwargs)
+    finally:
+        model.train(was_training)
+    return recorder.found
+
+
 _ROUTED: dict[Callable, Callable] = {}
 
 
