@@ -4,6 +4,7 @@ generation with a KV cache unbroken, and strict=True refusing what stays on BP."
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -234,3 +235,12 @@ def test_moe_expert_banks_are_named_as_left_on_bp_and_the_router_is_converted():
     assert left == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
     with pytest.raises(pfa_fx.ConversionError, match=r"strict=True(?s:.*)experts\.gate_up_proj"):
         pfa_fx.convert(model, "fa", strict=True)
+
+
+def test_a_model_cast_after_conversion_runs_the_eager_route_with_a_warning(gpt2_pair):
+    native, gm = gpt2_pair  # captured in float64
+    cast, native32 = copy.deepcopy(gm).float(), copy.deepcopy(native).float()
+    ids = _ids()
+    with pytest.warns(UserWarning, match=r"converted on .*float64.*now lives on .*float32"):
+        out = cast(ids).logits
+    assert out.dtype == torch.float32 and torch.equal(out, native32(ids).logits)

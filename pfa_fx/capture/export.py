@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ class ExportedGraphs:
     out_specs: dict[bool, pytree.TreeSpec]
     forwards: dict[bool, Callable[..., Any]] = field(default_factory=dict)
     signature: inspect.Signature | None = None
+    placement: tuple[torch.device, torch.dtype] | None = None  # of the parameters the graphs were captured with
+    warned: bool = False
 
 
 def example_kwargs(model: nn.Module, example_inputs: Any) -> dict[str, Tensor] | None:
@@ -158,6 +161,7 @@ def install_forwards(root: nn.Module, captured: ExportedGraphs) -> None:
         # root as self it sees root's current parameters, buffers and feedback nodes
         captured.forwards[mode] = type(fx.GraphModule(root, graph)).forward
     captured.signature = inspect.signature(type(root).forward)
+    captured.placement = _placement(root)
     root.__dict__["_pfa_export"] = captured
     root.forward = types.MethodType(_exported_forward, root)
 
@@ -167,6 +171,18 @@ def _exported_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mode for calls it was captured for, else the class's own forward under interception."""
     captured: ExportedGraphs = self.__dict__["_pfa_export"]
     call = _captured_call(captured, args, kwargs)
+    if call is not None and _placement(self) != captured.placement:
+        # an exported graph bakes in dtypes and devices: after .to(...) only the eager route is right
+        if not captured.warned:
+            captured.warned = True
+            warnings.warn(
+                f"pfa_fx: this model was converted on {captured.placement} and now lives on {_placement(self)}; "
+                "its captured graph is specialized to the former, so its forward runs the eager interception "
+                "instead (same numbers, slower). Move or cast the model before pfa_fx.convert to get a graph.",
+                UserWarning,
+                stacklevel=3,
+            )
+        call = None
     if call is None:
         routes = tuple((self.get_parameter(path), key) for path, key in self.pfa_routes)
         return intercept.call_with_feedback(
@@ -174,6 +190,11 @@ def _exported_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         )
     out = captured.forwards[self.training](self, *call.values())  # placeholders: keys, then forced
     return pytree.tree_unflatten(list(out), captured.out_specs[self.training])
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return None if p is None else (p.device, p.dtype)
 
 
 def _captured_call(captured: ExportedGraphs, args: tuple, kwargs: dict) -> dict[str, Any] | None:
