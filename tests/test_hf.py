@@ -244,3 +244,13 @@ def test_a_model_cast_after_conversion_runs_the_eager_route_with_a_warning(gpt2_
     with pytest.warns(UserWarning, match=r"converted on .*float64.*now lives on .*float32"):
         out = cast(ids).logits
     assert out.dtype == torch.float32 and torch.equal(out, native32(ids).logits)
+
+
+def test_op_names_and_rule_mappings_use_module_paths(gpt2_pair):
+    native, gm = gpt2_pair
+    names = pfa_fx.op_names(native)
+    assert names == list(dict(pfa_fx.feedback_modules(gm)))
+    mapped = pfa_fx.convert(native, {"lm_head": None, "transformer.h.1.*": "kp", "*": "fa"}, strict=True)
+    rules = {k: n.rule for k, n in pfa_fx.feedback_modules(mapped)}
+    assert mapped.pfa_kept_native == ["lm_head"] and "lm_head" not in rules
+    assert rules["transformer.h.1.mlp.c_fc"] == "kp" and rules["transformer.h.0.attn.c_attn"] == "fa"
