@@ -106,7 +106,7 @@ def export_modes(root: nn.Module, kwargs: dict[str, Tensor]) -> ExportedGraphs:
     dynamic = {k: {i: torch.export.Dim.AUTO for i in range(v.dim())} for k, v in kwargs.items()}
     dynamic.update({k: None for k in forced})
     was_training = root.training
-    graphs, out_specs = {}, {}
+    exported: dict[bool, fx.GraphModule] = {}
     try:
         for mode in (True, False):
             root.train(mode)
@@ -119,11 +119,12 @@ def export_modes(root: nn.Module, kwargs: dict[str, Tensor]) -> ExportedGraphs:
                 )
                 err.path, err.reason = "", f"{type(exc).__name__}: {first}"
                 raise err from exc
-            exported = ep.module()
-            graphs[mode] = _adopt(root, exported, "train" if mode else "eval")
-            out_specs[mode] = exported._out_spec
+            exported[mode] = ep.module()
     finally:
         root.train(was_training)
+    # root changes only once both modes are captured (a failed capture leaves it as it was)
+    graphs = {mode: _adopt(root, gm, "train" if mode else "eval") for mode, gm in exported.items()}
+    out_specs = {mode: gm._out_spec for mode, gm in exported.items()}
     return ExportedGraphs(tuple(kwargs), forced, graphs, out_specs)
 
 
