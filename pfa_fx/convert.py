@@ -70,9 +70,9 @@ def convert(
             entry of the rule mapping decides no op. Without ``strict`` the same list is a
             warning.
         capture: how the weight ops are found. ``"auto"`` (default): torch.fx symbolic
-            tracing; where the model's own forward defeats it, torch.export (needs example
-            inputs: ``example_inputs`` or a Hugging Face model's ``dummy_inputs``); where
-            that fails too, the eager interception (``fallback``). ``"fx"``, ``"export"``
+            tracing, then torch.export where the model's own forward defeats it — or
+            torch.export first where example inputs exist (``example_inputs``, or a Hugging
+            Face model's own); where both fail, the eager interception (``fallback``). ``"fx"``, ``"export"``
             or ``"eager"`` asks for one front end (``"eager"``: the model's forward run with
             its weight ops intercepted, no graph). :func:`report` names each op's front end.
         example_inputs: inputs for torch.export: a dict of keyword tensors, a tensor or a
@@ -173,16 +173,22 @@ def _build(
     attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
     root = copy.deepcopy(model)
     failures: list[str] = []
-    if capture in ("auto", "fx"):
-        try:
-            return _from_fx(root, model, rule, rule_options, seed, fallback)
-        except TraceError as err:
-            if capture == "fx" and not fallback:
-                raise
-            failures.append(str(err).rstrip(". "))
-    if capture in ("auto", "export"):
+    try:
         kwargs = export.example_kwargs(root, example_inputs)
-        if kwargs is None:
+    except TraceError as err:
+        kwargs, failures = None, [str(err)]
+    # with example inputs (given, or a Hugging Face model's own) torch.export goes first:
+    # torch.fx would bake a forward's None defaults in, and HF models' main inputs default to None
+    order = {"auto": ("export", "fx") if kwargs is not None else ("fx", "export"), "eager": ()}.get(capture, (capture,))
+    for front_end in order:
+        if front_end == "fx":
+            try:
+                return _from_fx(root, model, rule, rule_options, seed, fallback)
+            except TraceError as err:
+                if capture == "fx" and not fallback:
+                    raise
+                failures.append(str(err).rstrip(". "))
+        elif kwargs is None:
             failures.append("torch.export needs example inputs: pass example_inputs=")
         else:
             try:
@@ -201,10 +207,6 @@ def _build(
         )
     installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
     reason = failures[0] if failures else "capture='eager'"
-    try:
-        kwargs = export.example_kwargs(root, example_inputs)
-    except TraceError:
-        kwargs = None
     return eager.convert_eagerly(root, installer, reason, kwargs), root, installer
 
 

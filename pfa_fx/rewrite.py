@@ -33,6 +33,7 @@ from .weights import (
     hidden_weights,
     is_param,
     is_plain_weight_module,
+    route_paths,
     source_parameter,
     weights_passed_to,
 )
@@ -259,7 +260,7 @@ class Rewriter:
     def _rewrite_opaque_call(self, graph: fx.Graph, node: fx.Node, hidden: list[HiddenWeight]) -> None:
         """Weights used inside code tracing keeps opaque: route their ops at run time."""
         path = "opaque module" if node.op == "call_module" else "opaque function"
-        routes = [(h.param_path, h.key) for h in hidden if self.nodes.node_for_hidden(h, path)]
+        routes = [(p, h.key) for h in hidden if self.nodes.node_for_hidden(h, path) for p in route_paths(self.gm, h)]
         if not routes:
             return
         with graph.inserting_before(node):
@@ -293,7 +294,7 @@ def _is_matrix_transpose(n: fx.Node) -> bool:
         return len(n.args) == 2 and n.args[1] in ("T", "mT")
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     name = name.split(".")[0]  # aten overloads: "t.default", "transpose.int"
-    if name == "t":
+    if name in ("t", "numpy_T"):  # torch.export writes P.T as aten.numpy_T
         return len(n.args) == 1
     if name == "transpose":
         return len(n.args) == 3 and {n.args[1], n.args[2]} in ({-1, -2}, {0, 1})
@@ -373,7 +374,7 @@ _PRODUCT_FNS = {
 }
 # ops that only re-lay, cast or select from a tensor: a weight seen through them is still the weight
 _PASS_THROUGH = {
-    "view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to",
+    "view", "reshape", "t", "numpy_T", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to",
     "float", "half", "bfloat16", "type", "clone", "alias", "_to_copy", "select", "slice", "getitem", "chunk",
     "split", "unbind", "narrow", "flatten", "view_as", "reshape_as", "expand_as", "index", "unflatten",
 }  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .registry import attr
 
@@ -73,6 +74,18 @@ def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
                 if isinstance(p, torch.Tensor):
                     found.append(HiddenWeight(f"{prefix}{name}", f"{prefix}{name}", p, 1, sub))
     return found
+
+
+def route_paths(model: nn.Module, h: HiddenWeight) -> list[str]:
+    """The parameters the interception recognises ``h``'s weight by: the parameter itself,
+    or, for a parametrized weight (``nn.utils.parametrizations.weight_norm``, as wav2vec2's
+    positional convolution has), the original tensors it is computed from each call."""
+    mod_path, _, name = h.param_path.rpartition(".")
+    owner = get_module(model, mod_path)
+    if owner is not None and parametrize.is_parametrized(owner, name):
+        prefix = f"{mod_path}.parametrizations.{name}" if mod_path else f"parametrizations.{name}"
+        return [f"{prefix}.{n}" for n, _ in owner.parametrizations[name].named_parameters()]
+    return [h.param_path]
 
 
 def expert_bank_shape(m: nn.Module) -> tuple[int, ...] | None:
@@ -163,6 +176,7 @@ __all__ = [
     "in_out_linear_modules",
     "is_param",
     "is_plain_weight_module",
+    "route_paths",
     "source_parameter",
     "weights_passed_to",
 ]

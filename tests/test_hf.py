@@ -133,8 +133,9 @@ def test_gpt2_under_fa_sends_no_error_through_a_forward_weight(capture):
 
 
 def test_strict_refuses_conv1d_weights_left_on_bp_and_the_default_warns(monkeypatch):
-    # the conversion GPT-2 got before Conv1D was known: only lm_head converted
+    # the conversion GPT-2 got before Conv1D was known (and no probe forward): only lm_head converted
     monkeypatch.setattr(pfa_fx.weights, "in_out_linear_modules", lambda: ())
+    monkeypatch.setattr(pfa_fx.capture.eager, "applied_weights", lambda *a: [])
     model = _gpt2()
     with pytest.warns(UserWarning, match=r"(?s)stay on BP.*transformer\.h\.0\.attn\.c_attn\.weight"):
         gm = pfa_fx.convert(model, "fa", capture="eager")

@@ -136,7 +136,8 @@ def test_export_front_end_on_a_plain_model_with_example_inputs():
     x = torch.randn(2, 3, 6, dtype=DT)
     gm = pfa_fx.convert(native, "bp", capture="export", example_inputs=(x,))
     assert type(gm) is Products  # the model keeps its class
-    assert {n.conversion_path for _, n in pfa_fx.feedback_modules(gm)} == {"export graph"}
+    paths = {k: n.conversion_path for k, n in pfa_fx.feedback_modules(gm)}
+    assert paths == dict.fromkeys(["a", "p", "q", "r"], "export graph")  # q's x @ q.T is aten.numpy_T there
     x2 = torch.randn(5, 7, 6, dtype=DT)  # batch and sequence not baked in
     assert torch.equal(gm(x2), native(x2))
     with pytest.raises(pfa_fx.TraceError, match="example inputs"):
@@ -182,3 +183,33 @@ def test_the_eager_front_end_finds_matrix_parameters_a_probe_forward_applies():
     gm = pfa_fx.convert(native, "fa", capture="eager")
     assert list(dict(pfa_fx.feedback_modules(gm))) == ["fc"]
     assert pfa_fx.audit.weights_on_backprop(gm(x).sum(), gm) == ["proj", "router"]
+
+
+def test_a_weight_norm_parametrized_convolution_is_routed_by_its_original_tensors():
+    class Positional(nn.Module):
+        """wav2vec2's positional convolution: weight_norm computes the weight each call."""
+
+        def __init__(self):
+            super().__init__()
+            conv = nn.Conv1d(4, 4, 3, padding=1, groups=2).double()
+            self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x))
+
+    torch.manual_seed(0)
+    native = Positional()
+    gm = pfa_fx.convert(native, "bp", capture="eager", strict=True)
+    assert list(dict(pfa_fx.feedback_modules(gm))) == ["conv"]
+    x = torch.randn(2, 4, 7, dtype=DT)
+    torch.manual_seed(1)
+    y0, gx0, g0 = _run(native, x)
+    torch.manual_seed(1)
+    y1, gx1, g1 = _run(gm, x)
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) == 3  # bias and the two original tensors
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=0, atol=1e-12)
+    fa = pfa_fx.convert(native, "fa", capture="eager")
+    assert pfa_fx.audit.weights_on_backprop(fa(x).sum(), fa) == []  # its error goes through B

@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..registry import NAMESPACE
-from ..weights import HiddenWeight, hidden_weights
+from ..weights import HiddenWeight, hidden_weights, route_paths
 from . import intercept
 
 
@@ -36,10 +36,10 @@ def applied_weights(root: nn.Module, kwargs: dict[str, Any] | None, known: list[
         uses = intercept.matrix_uses(root, kwargs)
     except Exception:  # the model needs other inputs: only the weight modules are routed
         return []
-    seen = {h.param_path for h in known}
+    seen = {id(root.get_parameter(p)) for h in known for p in route_paths(root, h)}  # tied ones too
     found = []
     for path, in_out in uses.items():
-        if path in seen:
+        if id(root.get_parameter(path)) in seen:
             continue
         p = root.get_parameter(path)
         key = path[: -len(".weight")] if path.endswith(".weight") else path
@@ -58,7 +58,7 @@ def convert_eagerly(
     known = hidden_weights(root, "")
     for h in known + applied_weights(root, kwargs, known):
         if installer.node_for_hidden(h, "eager") is not None:
-            routes.append((h.param_path, h.key))
+            routes += [(p, h.key) for p in route_paths(root, h)]
     root.pfa_routes = tuple(routes)
     installer.record(root, {"": reason})
     root.forward = types.MethodType(_eager_forward, root)
