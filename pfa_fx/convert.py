@@ -16,10 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
-from .audit import weights_on_backprop
 from .capture import eager, export, fx_trace
 from .checkpoint import eager_load_state_dict
 from .errors import ConversionError, ConversionTypeError, TraceError, did_you_mean
@@ -271,7 +269,7 @@ def _check_strict(
     left = converted.__dict__.get("_pfa_left")
     if left is None:  # converted without a graph: see what one forward leaves on BP
         kwargs = export.example_kwargs(converted, example_inputs)
-        left = _probe_left(converted, kwargs, installer) if kwargs is not None else {}
+        left = eager.left_on_backprop(converted, kwargs, installer.kept_native) if kwargs is not None else {}
     on_bp = [f"{p}: {why}" for p, why in left.items()]
     if not strict:
         if on_bp:
@@ -289,30 +287,6 @@ def _check_strict(
             problems.append(f"{h.param_path}: never reached by a converted op")
     if problems:
         raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
-
-
-def _probe_left(converted: nn.Module, kwargs: dict[str, Any], installer: FeedbackInstaller) -> dict[str, str]:
-    """Parameters left on BP in the autograd graph of one eval-mode forward (no backward):
-    the check for models converted without a graph."""
-    was_training = converted.training
-    try:
-        with torch.random.fork_rng(devices=[]):
-            converted.eval()
-            out = converted(**kwargs)
-    except Exception:  # the model needs other inputs: nothing to conclude
-        return {}
-    finally:
-        converted.train(was_training)
-    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    if not leaves:
-        return {}
-    total = sum(t.float().sum() for t in leaves)
-    kept = set(installer.kept_native)
-    return {
-        name: "an operand of a matrix product the interception does not route"
-        for name in weights_on_backprop(total, converted)
-        if name.rpartition(".")[0] not in kept and name not in kept
-    }
 
 
 __all__ = ["convert", "op_names"]

@@ -7,8 +7,11 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from ..audit import weights_on_backprop
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..registry import NAMESPACE
@@ -67,4 +70,28 @@ def convert_eagerly(
     return root
 
 
-__all__ = ["convert_eagerly"]
+def left_on_backprop(converted: nn.Module, kwargs: dict[str, Any], kept_native: set[str]) -> dict[str, str]:
+    """Parameters left on BP in the autograd graph of one eval-mode forward (no backward):
+    the check for models converted without a graph."""
+    was_training = converted.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            converted.eval()
+            out = converted(**kwargs)
+    except Exception:  # the model needs other inputs: nothing to conclude
+        return {}
+    finally:
+        converted.train(was_training)
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    if not leaves:
+        return {}
+    total = sum(t.float().sum() for t in leaves)
+    kept = set(kept_native)
+    return {
+        name: "an operand of a matrix product the interception does not route"
+        for name in weights_on_backprop(total, converted)
+        if name.rpartition(".")[0] not in kept and name not in kept
+    }
+
+
+__all__ = ["applied_weights", "convert_eagerly", "left_on_backprop"]
