@@ -25,18 +25,12 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
+#: a small decoder's sizes, shared by the Llama and Mixtral configs
+DECODER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+
+
 def _llama():
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, bos_token_id=0, eos_token_id=0, pad_token_id=0, **DECODER)
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -215,16 +209,7 @@ def test_torch_compile_of_a_converted_llama_trains_with_no_more_graph_breaks_tha
 
 
 def test_moe_expert_banks_are_named_as_left_on_bp_and_the_router_is_converted():
-    cfg = transformers.MixtralConfig(
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    cfg = transformers.MixtralConfig(num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2, **DECODER)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).eval()
     with pytest.warns(UserWarning, match=r"(?s)stay on BP.*experts\.gate_up_proj.*experts\.down_proj"):
