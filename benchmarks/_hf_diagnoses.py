@@ -1,0 +1,143 @@
+"""Diagnoses of the Hugging Face coverage sweep's failures, written by hand after reading each
+one down to the pfa_fx function at fault (or to transformers / torch.export where the cause is
+there). ``COVERAGE_HF.md`` prints a diagnosis under a model's failure only while the model fails
+that way: a diagnosis names its models and pieces of the failing row's reason it explains, so a
+changed failure is not given a stale diagnosis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_MOE_GROUPED = """\
+**Diagnosis — pfa_fx gap: expert banks multiplied by transformers' grouped matmul are not
+converted.** transformers 5 holds the experts of a `@use_experts_implementation` block as 3-D
+parameters `gate_up_proj (E, 2·I, H)` and `down_proj (E, H, I)` and by default
+(`experts_implementation="grouped_mm"`) multiplies the tokens, sorted by expert, with
+`_grouped_mm`; under torch.export in float32 that is the custom op
+`torch.ops.transformers.grouped_mm_fallback`. pfa_fx has no feedback-aware form of it, so the
+banks stay on BP: `convert` warns ("an operand of grouped_mm_fallback.default … the pass cannot
+route"), the audit names them, `report()` calls them "not consumed by a linear or convolution op".
+(At pfa_fx `3da71e5` neither the warning nor `weights_on_backprop` saw them — the audit's
+`STANDARD_WEIGHT_OPS` did not know `GeneratedBackwardFor_transformers_grouped_mm_fallback_defaultBackward`,
+only this sweep's own `unlisted_on_bp` check did; `85a791c` added grouped products to both.) The
+router (`F.linear` on the bare `gate.weight`), attention and shared experts convert. Suggested
+fix: a feedback-aware grouped matmul — per-expert feedback matrices, block-diagonal over experts
+like `ops._FeedbackExpertMix` for timm's CondConv2d — matched in `rewrite.py` on
+`aten._grouped_mm` / `F.grouped_mm` / `torch.ops.transformers.grouped_mm_fallback` with a 3-D
+parameter operand (and on `F.linear(x, P[i])` / `torch.bmm(P[ids], x)` for the `eager` and
+`batched_mm` implementations)."""
+
+_MOE_EAGER = """\
+**Diagnosis — pfa_fx gap: expert banks used as `F.linear(x, P[expert])` under the eager
+fallback.** With `experts_implementation="eager"` transformers loops over the experts the batch
+hits (`nonzero()`, then `F.linear(x, self.gate_up_proj[expert_idx])`). torch.export cannot
+capture the data-dependent loop (`GuardOnDataDependentSymNode`) and torch.fx cannot trace the
+root, so the whole forward runs under eager interception. It routes the weights of Linear/Conv
+modules and, since `85a791c`, matrix parameters a probe forward finds used directly (the router's
+bare `gate.weight` converts), but not a slice of a 3-D parameter: the two banks of each layer stay
+on BP (the audit names them). Suggested fix: route `F.linear` whose weight is `P[i]` of a 3-D
+parameter `P` (`capture/intercept.py`, `weights.py::hidden_weights`) to one feedback matrix per
+expert, stored as a bank like the CondConv2d case."""
+
+_BEIT = """\
+**Diagnosis — not pfa_fx's rewrite: torch.export takes another branch of transformers' mask
+code, and BEiT adds a boolean mask to a float bias.** Eval-mode logits differ by 7.45e-09
+(train mode is identical). Exporting the *native* model with torch.export gives the same
+difference, so pfa_fx's feedback ops are not the cause; its export front end inherits it. In the
+exported graph `create_bidirectional_mask` (transformers' masking utils) materialises the
+all-true padding mask (a traced call cannot skip it the way eager does), and `BeitLayer` forms
+`relative_position_bias + attention_mask`: float bias + bool mask = bias + 1.0 everywhere.
+Softmax absorbs the constant, so q, k and v are bit-equal and only the attention output differs
+by float rounding. Suggested fix on the pfa_fx side: have the export front end compare the
+captured graph's forward with the eager forward on the example inputs (both modes) and warn, or
+fall back, when they are not bit-identical — the promise is a bit-identical forward; the BEiT
+bool-plus-float mask is a transformers bug to report upstream."""
+
+_FA_OVERFLOW = """\
+**Diagnosis — not a conversion bug: FA's default feedback scale against transformers' small
+init.** Converted through torch.export, MobileViT's forward is identical and BP's gradients equal
+the native ones, but FA's overflow: the largest conv-weight gradient, every third conv from the
+classifier towards the input, is 1e-2, 6e10, 2e13, 3e14, 6e31, 4e33, then nan (the loss is
+finite). transformers initialises at `initializer_range=0.02` (the 35 conv weights' median std:
+0.020), far below the Xavier scale FA draws its feedback at (`report()` notes the gap), and
+between 32 BatchNorm layers each feedback matrix multiplies the error by its own, much larger,
+scale. `scale="weight"` (feedback at each W's own RMS) passes, with gradients of BP's size
+(1e-6 – 1e-3). Suggested: `convert` could warn, not only note in `report()`, when weights sit far
+below the feedback's scale in a deep stack."""
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A failure explained: the models it concerns, substrings of the failing row's reason (one
+    must occur), a short cause and where it is fixed (the summary's table), and the full text."""
+
+    models: tuple[str, ...]
+    match: tuple[str, ...]
+    cause: str
+    fix_at: str
+    text: str
+
+
+DIAGNOSES: list[Diagnosis] = [
+    Diagnosis(
+        ("mixtral", "qwen2_moe"),
+        ("experts",),
+        "MoE expert banks (3-D) through transformers' `grouped_mm` custom op: not converted",
+        "pfa_fx gap: `rewrite.py` (no feedback-aware grouped matmul)",
+        _MOE_GROUPED,
+    ),
+    Diagnosis(
+        ("mixtral-eager-experts",),
+        ("experts",),
+        "`F.linear(x, gate_up_proj[e])` on a slice of a 3-D bank under the eager fallback: not routed",
+        "pfa_fx gap: `capture/intercept.py`, `weights.py::hidden_weights`",
+        _MOE_EAGER,
+    ),
+    Diagnosis(
+        ("beit",),
+        ("forward changed",),
+        "the exported graph takes transformers' traced mask branch: a bool mask added to a float bias (7e-9)",
+        "torch.export / transformers; pfa_fx could verify the captured graph",
+        _BEIT,
+    ),
+    Diagnosis(
+        ("mobilevit",),
+        ("non-finite",),
+        "FA at Xavier scale vs transformers' 0.02 init: the error overflows across 32 BatchNorm layers",
+        'not a bug: `scale="weight"` passes',
+        _FA_OVERFLOW,
+    ),
+]
+
+
+def diagnose(model: str, reason: str) -> Diagnosis | None:
+    """The diagnosis of ``model`` failing with ``reason``, if one explains it."""
+    for d in DIAGNOSES:
+        if model in d.models and any(m in reason for m in d.match):
+            return d
+    return None
+
+
+#: findings on models that pass, and the history of the failures this sweep found
+NOTES = """\
+- **Swin converts in minutes, not seconds** (its convert time above).
+  `pfa_fx/capture/export.py::export_modes` exports with `Dim.AUTO` on every dimension of every
+  input; Swin's window partition and padding then take torch.export's symbolic-shape reasoning
+  195 s per mode for a 20 k-parameter model, against 1.0 s with static shapes (the native model in
+  train mode, one thread). Suggested: export with static shapes first (or only batch and sequence
+  dynamic) and re-capture for a new shape, or make dynamic shapes an option.
+- **wav2vec2 and HuBERT** keep their default configs (`layerdrop=0.1`, `mask_time_prob=0.05`):
+  their train-mode forward is data-dependent (LayerDrop, numpy SpecAugment masks), torch.export
+  cannot capture it, and they run on the eager front end (setting both to 0 would let torch.export
+  capture them and leave that front end untested). Their weight-normed positional convolution is
+  routed through its original tensors since `63e9e7e`; at `3da71e5` every forward failed
+  (`AttributeError: 'weight' is not an nn.Parameter` from `capture/eager.py::_eager_forward`).
+- **Failures this sweep found at pfa_fx `3da71e5` that are fixed now** (42 of 56 clean under FA
+  then): mpnet, deberta, deberta-v2, resnet, regnet, poolformer and mobilevit converted through
+  torch.fx with every `None`-default input traced as `None` (`capture/fx_trace.py::_constant_defaults`;
+  the opaque-leaf fallback accepted the broken trace, and the converted model could not be called) —
+  `63e9e7e` tries torch.export first where example inputs exist; falcon's `input @ self.weight.T`
+  (`aten.numpy_T` in an exported graph) was not a weight op and went unwarned — `63e9e7e` added
+  `numpy_T` (`.mT`, exported as `aten.mT`, is still not recognised: a module computing
+  `x @ self.weight.mT` stays on BP without a warning); wav2vec2 and HuBERT, above.
+"""
