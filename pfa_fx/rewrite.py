@@ -294,7 +294,7 @@ def _is_matrix_transpose(n: fx.Node) -> bool:
         return len(n.args) == 2 and n.args[1] in ("T", "mT")
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     name = name.split(".")[0]  # aten overloads: "t.default", "transpose.int"
-    if name in ("t", "numpy_T"):  # torch.export writes P.T as aten.numpy_T
+    if name in ("t", "numpy_T", "mT"):  # torch.export writes P.T as aten.numpy_T, P.mT as aten.mT
         return len(n.args) == 1
     if name == "transpose":
         return len(n.args) == 3 and {n.args[1], n.args[2]} in ({-1, -2}, {0, 1})
@@ -374,7 +374,7 @@ _PRODUCT_FNS = {
 }
 # ops that only re-lay, cast or select from a tensor: a weight seen through them is still the weight
 _PASS_THROUGH = {
-    "view", "reshape", "t", "numpy_T", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to",
+    "view", "reshape", "t", "numpy_T", "mT", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to",
     "float", "half", "bfloat16", "type", "clone", "alias", "_to_copy", "select", "slice", "getitem", "chunk",
     "split", "unbind", "narrow", "flatten", "view_as", "reshape_as", "expand_as", "index", "unflatten",
 }  # fmt: skip

@@ -206,3 +206,17 @@ def test_a_weight_norm_parametrized_convolution_is_routed_by_its_original_tensor
     assert len(_assert_bp_exact(native, gm, x)) == 3  # bias and the two original tensors
     fa = pfa_fx.convert(native, "fa", capture="eager")
     assert pfa_fx.audit.weights_on_backprop(fa(x).sum(), fa) == []  # its error goes through B
+
+
+def test_x_at_w_mt_is_a_weight_op_through_torch_export():
+    class MT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 5, dtype=DT))
+
+        def forward(self, x):
+            return x @ self.w.mT
+
+    x = torch.randn(2, 4, 5, dtype=DT)
+    gm = pfa_fx.convert(MT(), "bp", capture="export", example_inputs=(x,), strict=True)
+    assert {k: n.conversion_path for k, n in pfa_fx.feedback_modules(gm)} == {"w": "export graph"}
