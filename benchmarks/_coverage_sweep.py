@@ -151,6 +151,22 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def finished_jobs(running: list[Job], timeout: float) -> list[tuple[Job, bool, float]]:
+    """``(job, timed_out, elapsed)`` for each running worker that has ended or overrun
+    ``timeout`` (killed), joined; the caller collects its rows and drops it from ``running``."""
+    done = []
+    for job in list(running):
+        elapsed = time.monotonic() - job.started
+        timed_out = job.proc.is_alive() and elapsed > timeout
+        if timed_out:
+            job.proc.kill()
+            job.proc.join()
+        if not job.proc.is_alive():
+            job.proc.join()
+            done.append((job, timed_out, elapsed))
+    return done
+
+
 def sweep(args: argparse.Namespace) -> None:
     csv_path = Path(args.csv)
     latest = latest_rows(read_rows(csv_path))
@@ -206,15 +222,7 @@ def sweep(args: argparse.Namespace) -> None:
                 running.append(job)
                 bar.set_postfix_str(" ".join(j.name for j in running)[:60])
             time.sleep(0.2)
-            for job in list(running):
-                elapsed = time.monotonic() - job.started
-                timed_out = job.proc.is_alive() and elapsed > args.timeout
-                if timed_out:
-                    job.proc.kill()
-                    job.proc.join()
-                if job.proc.is_alive():
-                    continue
-                job.proc.join()
+            for job, timed_out, elapsed in finished_jobs(running, args.timeout):
                 rows = _collect(job, timed_out, elapsed)
                 append_rows(csv_path, rows, FIELDS)
                 counts.update(r["status"] for r in rows)

@@ -21,13 +21,13 @@ import torch
 
 try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_rows import latest_rows, revision, set_revision
-    from _coverage_sweep import Job, _collect, parse_opts
+    from _coverage_sweep import Job, _collect, finished_jobs, parse_opts
     from _hf_check import FIELDS, SOURCE, check_spec, dumps, finish_row
     from _hf_models import SAMPLE, SPEC_BY_NAME, select
     from _shared import append_rows, read_rows, weights_on_backprop
 except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_rows import latest_rows, revision, set_revision
-    from benchmarks._coverage_sweep import Job, _collect, parse_opts
+    from benchmarks._coverage_sweep import Job, _collect, finished_jobs, parse_opts
     from benchmarks._hf_check import FIELDS, SOURCE, check_spec, dumps, finish_row
     from benchmarks._hf_models import SAMPLE, SPEC_BY_NAME, select
     from benchmarks._shared import append_rows, read_rows, weights_on_backprop
@@ -152,15 +152,7 @@ def sweep(args: argparse.Namespace) -> float:
                 job.started = time.monotonic()
                 running.append(job)
             time.sleep(0.2)
-            for job in list(running):
-                elapsed = time.monotonic() - job.started
-                timed_out = job.proc.is_alive() and elapsed > args.timeout
-                if timed_out:
-                    job.proc.kill()
-                    job.proc.join()
-                if job.proc.is_alive():
-                    continue
-                job.proc.join()
+            for job, timed_out, elapsed in finished_jobs(running, args.timeout):
                 rows = [_identify(r) for r in _collect(job, timed_out, elapsed)]
                 append_rows(csv_path, rows, FIELDS)
                 running.remove(job)
