@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .registry import NAMESPACE
+from .registry import is_feedback_path
 
 # autograd nodes of the standard weight ops (their backward uses the weight's transpose)
 STANDARD_WEIGHT_OPS = {
@@ -55,11 +55,7 @@ def weights_on_backprop(output: Tensor, model: nn.Module, min_dim: int = 2) -> l
     """Names of ``model``'s parameters (at least ``min_dim``-D, feedback state excluded)
     whose gradient comes from a standard matmul/convolution backward in the autograd
     graph of ``output``. Empty for a fully converted model."""
-    by_id = {
-        id(p): name
-        for name, p in model.named_parameters()
-        if p.dim() >= min_dim and not name.startswith(NAMESPACE + ".") and f".{NAMESPACE}." not in name
-    }
+    by_id = {id(p): name for name, p in model.named_parameters() if p.dim() >= min_dim and not is_feedback_path(name)}
     found: set[str] = set()
     seen: set[int] = set()
     stack = [output.grad_fn] if output.grad_fn is not None else []

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import ConversionError, short_list
 from .node import FeedbackNode
-from .registry import NAMESPACE, feedback_modules
+from .registry import NAMESPACE, feedback_modules, node_path, op_of_state_key
 
 #: where a converted model's state_dict records its conversion (PyTorch's per-module metadata)
 CHECKPOINT_KEY = "pfa_fx"
@@ -36,7 +36,40 @@ def watch_checkpoints(model: nn.Module) -> None:
     # counters some rules already kept, so tensor-only tooling (safetensors, EMA helpers,
     # elementwise comparisons) sees what it saw before.
     model.register_state_dict_post_hook(_save_conversion)
+    # first, so that the check sees this model's layout
+    model.register_load_state_dict_pre_hook(_to_this_layout)
     model.register_load_state_dict_pre_hook(_check_checkpoint)
+
+
+def _layouts(model: nn.Module) -> dict[str, str]:
+    """``{path in the other layout: path here}`` of every node whose owner is known: the
+    root namespace (``pfa_feedback.<op>``) and the owner's child (``<owner>.pfa_feedback``)."""
+    moves = {}
+    for path, node in model.named_modules():
+        if not isinstance(node, FeedbackNode) or not node.op_name:
+            continue
+        flat = f"{NAMESPACE}.{node.op_name}"
+        owned = node_path(node.op_name, node.owner_path) if node.owner_path is not None else None
+        other = owned if path == flat else flat
+        if other is not None and other != path:
+            moves[other] = path
+    return moves
+
+
+def _to_this_layout(module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: rename feedback entries saved in the other placement
+    of nodes (root namespace or owner module, :mod:`pfa_fx.registry`) to this model's, so a
+    checkpoint of a graph conversion resumes in ``capture="modules"`` and back."""
+    moves = _layouts(module)
+    if not moves:
+        return
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        head, _, leaf = key[len(prefix) :].rpartition(".")
+        here = moves.get(head)
+        if here is not None and f"{prefix}{here}.{leaf}" not in state_dict:
+            state_dict[f"{prefix}{here}.{leaf}"] = state_dict.pop(key)
 
 
 def load_state_dict_checked(
@@ -126,12 +159,11 @@ def _check_checkpoint(
     pass on), only a checkpoint that would load feedback tensors into a differently
     configured op is refused; unconverted checkpoints (pretrained weights) are never checked."""
     strict = module.__dict__.get("_pfa_load_strict") is True
-    ns = f"{prefix}{NAMESPACE}."
     incoming: dict[str, set[str]] = {}
     for key in state_dict:
-        if key.startswith(ns):
-            op, _, leaf = key[len(ns) :].rpartition(".")
-            incoming.setdefault(op, set()).add(leaf)
+        found = op_of_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if found is not None:
+            incoming.setdefault(found[0], set()).add(found[1])
     saved = local_metadata.get(CHECKPOINT_KEY)
     if saved is None and not incoming:
         return
@@ -163,7 +195,7 @@ def _check_checkpoint(
         lines.append(
             "To resume the checkpoint, convert the model the way it was converted"
             + (f", e.g. {hint}" if hint else "")
-            + f"; to take only the model's own weights from it, drop its '{NAMESPACE}.*' keys and load with "
+            + f"; to take only the model's own weights from it, drop its feedback keys (a '{NAMESPACE}' component in the name) and load with "
             "strict=False."
         )
         raise ConversionError("\n".join(lines))
@@ -182,7 +214,7 @@ def _check_checkpoint(
         if len(differ) > 6:
             lines.append(f"  … and {len(differ) - 6} more op(s)")
         lines.append(
-            f"Convert with the checkpoint's rule and options, or drop its '{NAMESPACE}.*' keys and load with "
+            f"Convert with the checkpoint's rule and options, or drop its feedback keys (a '{NAMESPACE}' component in the name) and load with "
             "strict=False to take only the model's own weights."
         )
         raise ConversionError("\n".join(lines))

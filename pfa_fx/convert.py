@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import eager, export, fx_trace
+from .capture import eager, export, fx_trace, modules
 from .checkpoint import eager_load_state_dict
 from .errors import ConversionError, ConversionTypeError, TraceError, did_you_mean
 from .graph_module import ConvertedModule
@@ -30,7 +30,7 @@ from .rewrite import Rewriter, matrix_products_left, weight_op_readers
 from .weights import hidden_weights
 
 #: the front ends ``convert(capture=...)`` accepts
-CAPTURES = ("auto", "fx", "export", "eager")
+CAPTURES = ("auto", "fx", "export", "eager", "modules")
 
 
 def convert(
@@ -72,7 +72,12 @@ def convert(
             torch.export first where example inputs exist (``example_inputs``, or a Hugging
             Face model's own); where both fail, the eager interception (``fallback``). ``"fx"``, ``"export"``
             or ``"eager"`` asks for one front end (``"eager"``: the model's forward run with
-            its weight ops intercepted, no graph). :func:`report` names each op's front end.
+            its weight ops intercepted, no graph). ``"modules"`` keeps the model's module
+            tree: each module owning a converted weight runs its op feedback-aware in its
+            own forward and holds the op's feedback node as its child
+            (``<owner>.pfa_feedback``, fixed feedback as frozen parameters) — the front end
+            for FSDP2's per-block ``fully_shard`` (README, "Sharding"). :func:`report`
+            names each op's front end.
         example_inputs: inputs for torch.export: a dict of keyword tensors, a tensor or a
             tuple of positional tensors. Their batch and sequence sizes are not baked in.
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
@@ -177,6 +182,9 @@ def _build(
         kwargs, failures = None, [str(err)]
     # with example inputs (given, or a Hugging Face model's own) torch.export goes first:
     # torch.fx would bake a forward's None defaults in, and HF models' main inputs default to None
+    if capture == "modules":
+        installer = FeedbackInstaller(root, rule, dict(rule_options), seed, in_owners=True)
+        return modules.convert_in_modules(root, installer, kwargs), root, installer
     order = {"auto": ("export", "fx") if kwargs is not None else ("fx", "export"), "eager": ()}.get(capture, (capture,))
     for front_end in order:
         if front_end == "fx":

@@ -16,7 +16,7 @@ from . import checkpoint
 from .errors import ConversionError
 from .mapping import RuleSpec, resolve_spec
 from .node import FeedbackNode, seeded_generator
-from .registry import NAMESPACE, bind_flat, feedback_modules, place_node
+from .registry import NAMESPACE, bind_flat, feedback_modules, owner_slot, place_node
 from .rules import rule_class
 from .weights import HiddenWeight
 
@@ -36,10 +36,22 @@ class FeedbackInstaller:
     """What one conversion shares between its front ends and graphs: one node per weight,
     and the record of every op reached, kept native or skipped."""
 
-    def __init__(self, model: nn.Module, spec: str | Mapping[Any, RuleSpec], options: dict[str, Any], seed: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str | Mapping[Any, RuleSpec],
+        options: dict[str, Any],
+        seed: int,
+        in_owners: bool = False,
+    ):
         self.model, self.spec, self.options, self.seed = model, spec, options, seed
+        # in_owners: each node a child of the module owning its weight (registry.owner_slot),
+        # for the module-preserving front end; else all under one namespace at the root
+        self.in_owners = in_owners
         self.namespace = nn.Module()
-        model.add_module(NAMESPACE, self.namespace)
+        if not in_owners:
+            model.add_module(NAMESPACE, self.namespace)
+        self._owner_paths: dict[int, str] | None = None
         self.made: dict[str, FeedbackNode | None] = {}
         self.owners: dict[str, nn.Module | None] = {}  # every op the pass reached, with its module
         self.kept_native: set[str] = set()  # ops the rule mapping leaves on BP on purpose
@@ -76,11 +88,26 @@ class FeedbackInstaller:
             node.op_name = key
             node.conversion_path = path or self.path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""
-            place_node(self.namespace, key, node)
+            # where the other layout keeps it, so checkpoints of either layout load (checkpoint.py)
+            node.owner_path = self.owner_path(owner)
+            if self.in_owners and node.owner_path is not None:
+                place_node(owner, owner_slot(key, node.owner_path), node)
+            else:
+                place_node(self.namespace, key, node)
         else:
             self.kept_native.add(key)
         self.made[key] = node
         return node
+
+    def owner_path(self, owner: nn.Module | None) -> str | None:
+        """``owner``'s path in the model being converted (None: not one of its modules)."""
+        if owner is None:
+            return None
+        if self._owner_paths is None:  # the model's own modules are all there before any node is
+            self._owner_paths = {
+                id(m): name for name, m in self.model.named_modules() if not isinstance(m, FeedbackNode)
+            }
+        return self._owner_paths.get(id(owner))
 
     def node_for_hidden(self, h: HiddenWeight, path: str) -> FeedbackNode | None:
         """The node of a weight used inside code the graph does not show."""

@@ -64,6 +64,29 @@ def feedback_std(weight: Tensor, scale: str | float, rule: str) -> float:
     return float(scale)
 
 
+def gathered(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded one (an FSDP2 ``DTensor`` between steps: a collective,
+    so every rank calls it), else ``t`` itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of ``full`` in ``like``'s sharding (``full`` itself where ``like`` is
+    not sharded); every rank holds the same ``full``, so nothing is communicated."""
+    if not hasattr(like, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor, else ``t``: what in-place updates write to."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 class FeedbackNode(nn.Module):
     """Feedback state of one weight op.
 
@@ -119,6 +142,38 @@ class FeedbackNode(nn.Module):
         self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
         self.seed: int | None = None  # set by convert, which seeds the draws with (seed, op name)
         self.op_name = ""
+        self.owner_path: str | None = None  # the path of the module owning the weight (set by convert)
+
+    # -- state held in another shape ----------------------------------------------------
+    # A parameter registered squeezed (``hold_squeezed``) is read, saved and loaded in its
+    # own shape: FSDP2 shards dim 0, which a (1, out, n̄) tensor could not split.
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        shape = self.__dict__.get("_held_shapes", {}).get(name)
+        return value if shape is None else value.view(shape)
+
+    def hold_squeezed(self, name: str) -> None:
+        """Register tensor ``name`` without its leading size-1 dimensions (a contiguous
+        parameter); the node, ``state_dict`` and ``load_state_dict`` still see its shape."""
+        t = self._parameters[name]
+        k = next((i for i, n in enumerate(t.shape) if n != 1), t.dim())
+        if k == 0 or k == t.dim():
+            return
+        self.__dict__.setdefault("_held_shapes", {})[name] = tuple(t.shape)
+        self._parameters[name] = nn.Parameter(t.detach().reshape(t.shape[k:]).contiguous(), t.requires_grad)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, shape in self.__dict__.get("_held_shapes", {}).items():
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].view(shape)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        for name in self.__dict__.get("_held_shapes", {}):
+            t = state_dict.get(prefix + name)
+            if t is not None:
+                state_dict[prefix + name] = t.view(self._parameters[name].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- what the op calls -------------------------------------------------------------
     def state(self) -> tuple[Tensor, ...]:

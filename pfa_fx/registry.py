@@ -1,10 +1,19 @@
 """Where feedback state lives in a converted model: what rules, checkpoints and metrics
 need to know of "the converted model", and nothing of how it was converted.
 
-Every converted weight op has one :class:`~pfa_fx.node.FeedbackNode`, registered under
-``<NAMESPACE>.<op name>`` (so it saves with ``state_dict`` and moves with ``.to()``) and,
-for a converted graph, also bound to one flat instance attribute that the graph reads
-(a nested chain costs one ``nn.Module.__getattr__`` per level on every call).
+Every converted weight op has one :class:`~pfa_fx.node.FeedbackNode` (so it saves with
+``state_dict`` and moves with ``.to()``), registered in one of two places:
+
+- under ``<NAMESPACE>.<op name>`` at the root, for the graph front ends and the eager
+  interception; a converted graph also binds it to one flat instance attribute that the
+  graph reads (a nested chain costs one ``nn.Module.__getattr__`` per level on every call);
+- as a child of the module that owns the op's weight, ``<owner>.<NAMESPACE>`` (its
+  ``weight``) or ``<owner>.<NAMESPACE>.<attribute>`` (another parameter), for the
+  module-preserving front end: the state then belongs to whatever block wraps the owner
+  (FSDP2's ``fully_shard``).
+
+Either way ``NAMESPACE`` is one component of every feedback state path
+(:func:`is_feedback_path`), and :func:`feedback_modules` names each node by its op.
 """
 
 from __future__ import annotations
@@ -34,8 +43,45 @@ def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
     marker = NAMESPACE + "."
     for name, m in model.named_modules():
         if isinstance(m, FeedbackNode):
+            if m.op_name:
+                yield m.op_name, m
+                continue
             i = name.find(marker)
             yield (name[i + len(marker) :] if i >= 0 else name), m
+
+
+def is_feedback_path(name: str) -> bool:
+    """Whether a parameter, buffer or module path of a converted model is feedback state."""
+    return NAMESPACE in name.split(".")
+
+
+def owner_slot(op: str, owner_path: str) -> str:
+    """Where, under its owner module, the module-preserving front end registers the node
+    of op ``op``: ``NAMESPACE`` for the owner's own weight (op named by the owner's path),
+    ``NAMESPACE.<attribute>`` for another parameter of it (``in_proj_weight``)."""
+    if op == owner_path:
+        return NAMESPACE
+    rest = op[len(owner_path) + 1 :] if owner_path and op.startswith(owner_path + ".") else op
+    return f"{NAMESPACE}.{re.sub(r'[^0-9A-Za-z_]', '_', rest)}"
+
+
+def op_of_state_key(key: str) -> tuple[str, str] | None:
+    """``(op name, leaf)`` of a feedback state_dict key in either layout
+    (``pfa_feedback.<op>.<leaf>``, ``<owner>.pfa_feedback[.<attribute>].<leaf>``), else None."""
+    parts = key.split(".")
+    if NAMESPACE not in parts[:-1]:
+        return None
+    i = parts.index(NAMESPACE)
+    inner, leaf = parts[i + 1 : -1], parts[-1]
+    if i == 0:
+        return (".".join(inner), leaf) if inner else None
+    return ".".join(parts[:i] + inner), leaf
+
+
+def node_path(op: str, owner_path: str) -> str:
+    """The module path of op ``op``'s node when placed under its owner at ``owner_path``."""
+    slot = owner_slot(op, owner_path)
+    return f"{owner_path}.{slot}" if owner_path else slot
 
 
 def attr(obj: Any, target: str) -> Any:
@@ -89,4 +135,14 @@ def op_readers(model: nn.Module) -> dict[str, list[str]]:
     return model.__dict__.get(_READERS, {})
 
 
-__all__ = ["NAMESPACE", "attr", "bind_flat", "feedback_modules", "op_readers", "place_node"]
+__all__ = [
+    "NAMESPACE",
+    "attr",
+    "bind_flat",
+    "feedback_modules",
+    "is_feedback_path",
+    "node_path",
+    "op_readers",
+    "owner_slot",
+    "place_node",
+]

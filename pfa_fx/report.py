@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import format_option
 from .node import FeedbackNode, xavier_std
-from .registry import NAMESPACE, feedback_modules
+from .registry import feedback_modules, is_feedback_path
 
 _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -203,7 +203,7 @@ def report(model: nn.Module) -> ConversionReport:
         rep.notes += cls.report_notes(model, nodes_of_class)
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
-        if p.dim() < 2 or id(p) in weights or name.startswith(NAMESPACE + "."):
+        if p.dim() < 2 or id(p) in weights or is_feedback_path(name):
             continue
         key = name[: -len(".weight")] if name.endswith(".weight") else name
         if key in rep.kept_native or key in rep.not_converted:  # listed with its reason already

@@ -39,13 +39,15 @@ Defaults: ``sigma=0.1`` (small against unit-scale activity: first-order regime),
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..node import FeedbackNode
-from ..registry import NAMESPACE, op_readers
+from ..node import FeedbackNode, local_part, local_tensor
+from ..registry import is_feedback_path, op_readers
 from .wm import RATE, WMNode, _positive
 
 
@@ -91,7 +93,14 @@ class PALNode(WMNode):
     def after_optimizer_step(self) -> None:
         """Apply the updates of the noisy passes since the last step."""
         if self._update is not None:
-            self.B.add_(self._update)
+            update = self._update
+            mesh = getattr(self.B, "device_mesh", None)
+            if mesh is not None:
+                # sharded under FSDP2: each rank measured its own part of the batch; all take the
+                # mean of the ranks' estimates, and each adds its own rows of it
+                torch.distributed.all_reduce(update, group=mesh.get_group())
+                update = update / mesh.size()
+            local_tensor(self.B).add_(local_part(update, self.B))
             self._update = None
 
     # -- the training pass: remember what each op read ----------------------------------
@@ -198,6 +207,22 @@ def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
                 consumer._producers.append(producer)
 
 
+@contextlib.contextmanager
+def _whole_model_gathered(module: nn.Module) -> Iterator[None]:
+    """Under FSDP2, the noisy pass runs the model again from inside its own forward, where
+    the blocks' pre-forward hooks do not gather again: gather every block for it (one
+    block's state at a time would need the pass to run between FSDP's hooks)."""
+    sharded = [m for m in module.modules() if callable(getattr(m, "unshard", None)) and hasattr(m, "reshard")]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            if m is not module:
+                m.reshard()
+
+
 class _NoisyPass:
     """Per converted model: its PAL ops, and the random state of the running forward."""
 
@@ -241,11 +266,7 @@ def _after_training_forward(module: nn.Module, args: Any, kwargs: Any, output: A
     after = _rng_state()
     # the noisy pass writes BatchNorm statistics into stand-ins: the originals (which the
     # training pass's backward may have saved) are never touched
-    saved = [
-        (m, dict(m._buffers))
-        for name, m in module.named_modules()
-        if m._buffers and not (name == NAMESPACE or name.startswith(NAMESPACE + "."))
-    ]
+    saved = [(m, dict(m._buffers)) for name, m in module.named_modules() if m._buffers and not is_feedback_path(name)]
     for m, buffers in saved:
         for k, b in buffers.items():
             if b is not None:
@@ -255,8 +276,10 @@ def _after_training_forward(module: nn.Module, args: Any, kwargs: Any, output: A
         _set_rng_state(noisy.rng)
         for node in noisy.nodes:
             node.noisy = True
-        with torch.no_grad():
+        with torch.no_grad(), _whole_model_gathered(module):
             module(*args, **kwargs)
+        # again: the blocks' own post-forward hooks freed their gathered weights during the pass
+        with torch.no_grad(), _whole_model_gathered(module):
             for node in noisy.nodes:
                 node.finish_noisy_pass()
     finally:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConversionError, ConversionTypeError
+from ..node import gathered, local_part, local_tensor
 from ..registry import feedback_modules
 from .fa import FANode
 
@@ -59,7 +60,9 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     if not _mirroring:
         return
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for node in list(_mirroring):
+    # in op-name order: a sharded op's step gathers its weight (a collective), which every
+    # rank must reach in the same order (a WeakSet's order is by address)
+    for node in sorted(_mirroring, key=lambda n: n.op_name):
         if id(node._weight_ref[0]) in ids:
             node.after_optimizer_step()
 
@@ -144,7 +147,8 @@ class WMNode(FANode):
     def relax(self, kgrad: Tensor, count: Tensor | float) -> None:
         """``W_b += η (kgrad / count − λ W_b)``, in place (``count``: noise samples per tap)."""
         B = self.B
-        B.mul_(1.0 - self.mirror_lr * self.decay).add_((kgrad / count).to(B.dtype), alpha=self.mirror_lr)
+        step = local_part((kgrad / count).to(B.dtype), B)  # a sharded B (FSDP2) updates its own rows
+        local_tensor(B).mul_(1.0 - self.mirror_lr * self.decay).add_(step, alpha=self.mirror_lr)
 
     def _as_maps(self, weight: Tensor) -> Tensor:
         """W as one matrix per group, ``(g, fan_in, fan_out)``, from a receptive field of
@@ -159,7 +163,7 @@ class WMNode(FANode):
     @torch.no_grad()
     def mirror_step(self) -> None:
         """One mirror step (module docstring); draws fresh noise."""
-        weight = self.weight
+        weight = gathered(self.weight)  # sharded between steps under FSDP2: every rank takes the same step
         maps = self._as_maps(weight)  # (g, fan_in, fan_out)
         g, fan_in, _ = maps.shape
         xi = self.noise((g, self.mirror_batch, fan_in), self.steps, weight)
