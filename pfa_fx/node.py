@@ -216,6 +216,13 @@ class FeedbackNode(nn.Module):
         # would be one graph output per op. Straight into __dict__, where __init__'s plain
         # attribute lives (nn.Module.__setattr__ would cost more than the rest of it)
         if weight is not self._weight_ref[0]:
+            if hasattr(weight, "device_mesh"):  # rare branch: the check costs the hot path nothing
+                raise ConversionError(
+                    f"op '{self.op_name}' received a sharded (DTensor) weight: its model was converted by a "
+                    f"graph front end ({getattr(self, 'conversion_path', 'graph')}), whose graph reads weights "
+                    "without calling their modules, so FSDP2's per-module fully_shard never gathers them. "
+                    "Convert with pfa_fx.convert(model, ..., capture='modules') to shard per block"
+                )
             self.__dict__["_last_weight"] = weight.detach()
 
     def record_input(self, x: Tensor) -> None:

@@ -19,14 +19,16 @@ def feedback_parameters(model: nn.Module) -> list[nn.Parameter]:
 
     ``model.parameters()`` includes it, so weight-decay groups, ``clip_grad_norm_``,
     parameter counts and EMA copies see it unless told apart: use this and
-    :func:`model_parameters`, which together partition ``model.parameters()`` exactly.
+    :func:`model_parameters`, which together partition ``model.parameters()`` exactly —
+    except fixed feedback held as frozen parameters (``capture="modules"``, so that FSDP2
+    shards it), which is in neither: nothing trains it.
 
     >>> opt = torch.optim.SGD(  # doctest: +SKIP
     ...     [{"params": pfa_fx.model_parameters(model)}, {"params": pfa_fx.feedback_parameters(model)}],
     ...     lr=0.1, momentum=0.9, weight_decay=1e-4)
     """
     ids = _feedback_ids(model)
-    return [p for p in model.parameters() if id(p) in ids]
+    return [p for p in model.parameters() if id(p) in ids and p.requires_grad]
 
 
 def model_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -38,6 +38,7 @@ _CONV_T_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1,
 _MATMUL = {torch.matmul, torch.mm, Tensor.matmul, Tensor.mm, Tensor.__matmul__}
 _ADDMM = {torch.addmm}
 _PATCHED = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_TORCH_FUNCTIONAL = {name: getattr(F, name) for name in _PATCHED}
 
 
 def _source_node(weight: Tensor, routes: dict[int, FeedbackNode], max_nodes: int = 64) -> FeedbackNode | None:
@@ -142,8 +143,10 @@ def _functional_patched(routes: dict[int, FeedbackNode]) -> Iterator[None]:
         return lambda *a, **k: _route_call(orig, a, k, routes)
 
     try:
-        for name, orig in saved.items():
-            setattr(F, name, patch(orig))
+        for name in _PATCHED:
+            # torch's own function, also where an enclosing composite already patched it
+            # (nested owners under capture="modules": the innermost routes)
+            setattr(F, name, patch(_TORCH_FUNCTIONAL[name]))
         yield
     finally:
         for name, orig in saved.items():

@@ -25,6 +25,7 @@ the module holds then, because FSDP2 swaps sharded and gathered parameter object
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,28 @@ def hold_fixed_state_as_parameters(node: FeedbackNode) -> None:
         node.hold_squeezed(name)
 
 
+def _warn_unprobed(root: nn.Module, routed: set[str]) -> None:
+    """Without example inputs no probe forward can tell whether a bare matrix parameter of
+    the model's own modules (not torch's: embeddings, norms) is applied as a linear map:
+    name the candidates instead of leaving them on BP in silence."""
+    candidates = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, m in root.named_modules()
+        if not type(m).__module__.startswith("torch.")
+        for name, p in m._parameters.items()
+        if p is not None and p.dim() >= 2 and (f"{prefix}.{name}" if prefix else name) not in routed
+    ]
+    if candidates:
+        warnings.warn(
+            "pfa_fx: capture='modules' without example inputs converts the weights of Linear/Conv/attention "
+            f"modules only; {len(candidates)} matrix parameter(s) of the model's own modules "
+            f"({', '.join(candidates[:5])}{', ...' if len(candidates) > 5 else ''}) stay on BP if its forward "
+            "applies them as linear maps: pass example_inputs= so a probe forward finds them",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
 def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: dict[str, Any] | None) -> nn.Module:
     """Convert ``root`` (the copy of the user's model) in place through ``installer``
     (made with ``in_owners=True``). Example inputs (``kwargs``) let a probe forward find
@@ -124,6 +147,8 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
             node._weight_ref = OwnerParameter(owner, held)
         owners.add(node.owner_path)
         routed += [(p, node_path(node.op_name, node.owner_path)) for p in route_paths(root, h)]
+    if kwargs is None:
+        _warn_unprobed(root, {p for p, _ in routed})
     for owner_path in sorted(owners, key=len):
         owner = root.get_submodule(owner_path)
         # the converted parameters of the owner's subtree, relative to it
