@@ -18,7 +18,7 @@ from __future__ import annotations
 # pfa_fx internals (not its public API) the benchmarks use: imported here only
 from pfa_fx.audit import weights_on_backprop
 from pfa_fx.registry import NAMESPACE
-from pfa_fx.weights import WEIGHT_MODULES
+from pfa_fx.weights import WEIGHT_MODULES, hidden_weights
 
 from .csv_store import append_rows, read_rows, write_rows
 from .machine import command_line, cpu_name, git_revision, host_line, threads_line
@@ -35,6 +35,7 @@ __all__ = [
     "cpu_name",
     "emit",
     "git_revision",
+    "hidden_weights",
     "host_line",
     "md_cell",
     "md_row",
