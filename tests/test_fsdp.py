@@ -90,7 +90,7 @@ def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
         if isinstance(v, torch.Tensor):
-            out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
     return out
 
 
@@ -100,25 +100,31 @@ def _shard(model: nn.Module, mesh) -> None:
     fsdp.fully_shard(model, mesh=mesh)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, backend: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,))
+    cuda = backend == "nccl"
+    if cuda:
+        torch.cuda.set_device(rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (WORLD,))
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     results: dict = {}
     for label, rule, opts in [*CASES, ("pal", "pal", {})]:
-        model = _converted(rule, opts)
+        model = _converted(rule, opts).to(device)
         _shard(model, mesh)
         shards = sum(p.to_local().numel() for p in model.parameters())
-        _train(model, _sgd(model), _batches(), rank, WORLD)
+        batches = [(x.to(device), y.to(device)) for x, y in _batches()]
+        _train(model, _sgd(model), batches, rank, WORLD)
         results[label] = {"state": _full_state(model), "local": shards}
         if label in ("pfa", "kp"):
             # sharded checkpoint after training; resumed on 2 ranks into a fresh conversion
             path = os.path.join(out, f"dcp_{label}")
             dcp.save(get_model_state_dict(model), checkpoint_id=path)
-            fresh = _converted(rule, opts)
+            fresh = _converted(rule, opts).to(device)
             _shard(fresh, mesh)
             sd = get_model_state_dict(fresh)
             dcp.load(sd, checkpoint_id=path)
@@ -128,13 +134,17 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp"))
+@pytest.fixture(scope="module", params=["gloo", "nccl"])
+def sharded_runs(request, tmp_path_factory):
+    """Both ranks' results: gloo on CPU always; nccl where two GPUs are there."""
+    backend = request.param
+    if backend == "nccl" and not (torch.cuda.device_count() >= WORLD and dist.is_nccl_available()):
+        pytest.skip(f"nccl needs {WORLD} CUDA devices")
+    out = str(tmp_path_factory.mktemp(f"fsdp_{backend}"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, out), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(port, out, backend), nprocs=WORLD, start_method="spawn")
     return out, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 

@@ -72,7 +72,9 @@ class _CaptureError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, hub: OutputError) -> Tensor:
         ctx.hub = hub
-        return y.view_as(y)
+        # detach(), not a view: the output can then be modified in place, and FSDP2 does not
+        # warn that a view output would let an in-place op skip its pre-backward hook
+        return y.detach()
 
     @staticmethod
     def backward(ctx, g: Tensor):
