@@ -331,8 +331,8 @@ def node_tensors(node: FeedbackNode) -> Iterator[tuple[str, str, Tensor]]:
 
 def shard_rows(node: FeedbackNode, name: str, t: Tensor) -> int:
     """Rows FSDP2 would shard this tensor along: dim 0, and for PFA's ``(groups, n_out/groups,
-    ·)`` tensors (``B``, ``G``) the group axis folded into the rows (the placement is
-    assumed to store them so; as laid out today, with groups = 1, dim 0 would not split them)."""
+    ·)`` tensors (``B``, ``G``) the group axis folded into the rows: ``capture="modules"``
+    holds a ``(1, n_out, ·)`` one squeezed to ``(n_out, ·)``, which dim-0 sharding splits)."""
     if t.dim() == 0:
         return 1
     if isinstance(node, PFANode) and name in ("B", "G") and t.dim() == 3:
@@ -643,9 +643,9 @@ def model_table(key: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple
             folded = sum(i.per_rank(n) for i, _ in pairs)
             today = sum(i.as_is(n, rows) for i, rows in pairs)
             notes.append(
-                f"{label}: {name} is counted sharded along n_out, {gib(folded)} GiB per rank at {n} ranks; laid out "
-                f"as today, (groups, n_out/groups, ·) with groups = 1, FSDP2's dim-0 sharding would not split it: "
-                f"{gib(today)} GiB on every rank"
+                f"{label}: {name} is sharded along n_out, {gib(folded)} GiB per rank at {n} ranks: capture='modules' "
+                f"holds its (1, n_out, ·) layout squeezed to (n_out, ·) so that FSDP2's dim-0 sharding splits it "
+                f"(unsplit it would be {gib(today)} GiB on every rank)"
             )
     d_out = dfa[0]
     cached = sum(1 for d_in in dfa[1].values() if d_in is not None and d_out * d_in <= CACHE_LIMIT)
