@@ -87,6 +87,10 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "pfa-product": ("pfa", {"expansion": 10, "route": "product"}),
     "pfa-x1": ("pfa", {"expansion": 1}),
     "pfa-population": ("pfa", {"expansion": 10, "route": "population"}),
+    # the module-preserving front end (FSDP2): each weight op in its owner's forward
+    "bp-modules": ("bp", {"capture": "modules"}),
+    "fa-modules": ("fa", {"capture": "modules"}),
+    "pfa-compact-modules": ("pfa", {"expansion": 10, "compact": True, "capture": "modules"}),
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
