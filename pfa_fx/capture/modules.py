@@ -116,7 +116,7 @@ def _warn_unprobed(root: nn.Module, routed: set[str]) -> None:
         for prefix, m in root.named_modules()
         if not type(m).__module__.startswith("torch.") and not isinstance(m, FeedbackNode)
         for name, p in m._parameters.items()
-        if p is not None and p.dim() >= 2 and (f"{prefix}.{name}" if prefix else name) not in routed
+        if p is not None and p.dim() == 2 and (f"{prefix}.{name}" if prefix else name) not in routed
     ]
     if candidates:
         warnings.warn(
