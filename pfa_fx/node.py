@@ -145,16 +145,19 @@ class FeedbackNode(nn.Module):
         self.owner_path: str | None = None  # the path of the module owning the weight (set by convert)
 
     # -- state held in another shape ----------------------------------------------------
-    # A parameter registered squeezed (``hold_squeezed``) is read, saved and loaded in its
-    # own shape: FSDP2 shards dim 0, which a (1, out, n̄) tensor could not split.
-    def __getattr__(self, name: str) -> Any:
-        value = super().__getattr__(name)
+    # A parameter registered squeezed (``hold_squeezed``) keeps its own shape for the node
+    # (``held``), ``state_dict`` and ``load_state_dict``: FSDP2 shards dim 0, which a
+    # (1, out, n̄) tensor could not split. The attribute itself stays the registered
+    # parameter, which FSDP2 reads back with ``getattr`` and replaces.
+    def held(self, name: str) -> Tensor:
+        """State tensor ``name`` in the shape the rule defines it with."""
+        t = getattr(self, name)
         shape = self.__dict__.get("_held_shapes", {}).get(name)
-        return value if shape is None else value.view(shape)
+        return t if shape is None else t.view(shape)
 
     def hold_squeezed(self, name: str) -> None:
         """Register tensor ``name`` without its leading size-1 dimensions (a contiguous
-        parameter); the node, ``state_dict`` and ``load_state_dict`` still see its shape."""
+        parameter); :meth:`held`, ``state_dict`` and ``load_state_dict`` still see its shape."""
         t = self._parameters[name]
         k = next((i for i, n in enumerate(t.shape) if n != 1), t.dim())
         if k == 0 or k == t.dim():

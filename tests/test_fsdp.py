@@ -101,7 +101,11 @@ def _shard(model: nn.Module, mesh) -> None:
 
 
 def _worker(rank: int, port: int, out: str, backend: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -118,8 +122,14 @@ def _worker(rank: int, port: int, out: str, backend: str) -> None:
         _shard(model, mesh)
         shards = sum(p.to_local().numel() for p in model.parameters())
         batches = [(x.to(device), y.to(device)) for x, y in _batches()]
-        _train(model, _sgd(model), batches, rank, WORLD)
-        results[label] = {"state": _full_state(model), "local": shards}
+        opt = _sgd(model)
+        _train(model, opt, batches, rank, WORLD)
+        # still FSDP's own parameters, sharded along dim 0, the ones the optimizer steps
+        params = list(model.parameters())
+        registered = all(isinstance(p, nn.Parameter) and p.placements[0].dim == 0 for p in params)
+        stepped = {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params}
+        get_optimizer_state_dict(model, opt)  # finds every parameter the optimizer holds
+        results[label] = {"state": _full_state(model), "local": shards, "registered": registered and stepped}
         if label in ("pfa", "kp"):
             # sharded checkpoint after training; resumed on 2 ranks into a fresh conversion
             path = os.path.join(out, f"dcp_{label}")
@@ -175,6 +185,7 @@ def test_each_rank_holds_about_half_of_weights_and_feedback(sharded_runs, label)
     total = sum(v.numel() for k, v in ranks[0][label]["state"].items() if v.dim() > 0)
     for r in ranks:
         assert r[label]["local"] <= 0.56 * total, (label, r[label]["local"], total)
+        assert r[label]["registered"], f"{label}: parameters no longer FSDP's own, or not the optimizer's"
 
 
 def test_pal_ranks_agree_on_feedback_learned_from_their_halves(sharded_runs):

@@ -95,7 +95,7 @@ def test_nodes_are_children_of_their_owners_with_fixed_feedback_frozen():
     assert dict(node.named_buffers()) == {}
     assert not node._parameters["B"].requires_grad and node.R.requires_grad
     # held squeezed, seen in its own shape: (1, out, n̄)
-    assert node._parameters["B"].shape == (8, 16) and node.B.shape == (1, 8, 16)
+    assert node.B.shape == (8, 16) and node.held("B").shape == (1, 8, 16)
     assert held.state_dict()["inp.pfa_feedback.B"].shape == (1, 8, 16)
     trainable = pfa_fx.feedback_parameters(held)
     assert all(p.requires_grad for p in trainable) and any(p is node.R for p in trainable)

@@ -275,7 +275,7 @@ class PFANode(SGDImplicit, FeedbackNode):
 
     def _mixer(self) -> Tensor:
         """The fixed channel mix of the feedback path: ``G`` (compact) or ``B``."""
-        return self.G if self.compact else self.B
+        return self.held("G") if self.compact else self.held("B")
 
     def _state_tensor(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         """``S`` or ``R``; the implicit form's ``S = W + α·D0``."""
@@ -293,7 +293,7 @@ class PFANode(SGDImplicit, FeedbackNode):
             return (None, None)  # D0 and alpha: no gradient (α follows the optimizer's steps)
         if self.compact:
             return (grad_weight,)  # grad_S = grad_W: G·S then moves exactly as B·R would
-        B = self.B.to(grad_weight.dtype)
+        B = self.held("B").to(grad_weight.dtype)
         grad_R = torch.bmm(B.transpose(1, 2), self._grouped(grad_weight))
         return (self._ungrouped(grad_R, tuple(state[0].shape)),)
 
@@ -336,7 +336,7 @@ class PFANode(SGDImplicit, FeedbackNode):
             return super().backward(family, e, x, weight, state, need)
         # the error population: ē = B^T e (or G^T e), per position and group. mix() applies
         # its argument transposed; G is symmetric, so its transpose view serves (no copy)
-        M = (self.G.mT if self.compact else self.B).to(e.dtype)
+        M = (self.held("G").mT if self.compact else self.held("B")).to(e.dtype)
         ebar = family.mix(e, M)
         if self.implicit:
             gx = family.fused(ebar, x, self.implicit_state(weight, *state), need.x, False, False)[0] if need.x else None
