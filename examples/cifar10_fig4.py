@@ -29,6 +29,7 @@ Usage::
     python examples/cifar10_fig4.py --download                 # ./data, every rule, 250 epochs
     python examples/cifar10_fig4.py --data ~/data --rules bp fa pfa --epochs 100 --schedule cosine
     torchrun --nproc_per_node=4 examples/cifar10_fig4.py --data ~/data   # DDP, global batch 128
+    torchrun --nproc_per_node=4 examples/cifar10_fig4.py --data ~/data --fsdp   # FSDP2: each rank holds a shard
     python examples/cifar10_fig4.py --data ~/data --resume     # continue from --out/checkpoint.pt after a stop
     python examples/cifar10_fig4.py --rules fa pfa --lr-rule fa=0.02   # a learning rate per rule
     python examples/cifar10_fig4.py --smoke --out /tmp/fig4    # seconds, generated data (CI)

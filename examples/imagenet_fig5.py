@@ -26,6 +26,9 @@ Usage::
     # 8 GPUs, one process each (DDP, nccl); --batch-size is global
     torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --amp bf16 --channels-last
     torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --rules bp pfa --compile --sync-bn
+    # FSDP2 instead of DDP: model, feedback state and momentum sharded over the ranks; checkpoints
+    # in --out/checkpoint.dcp (torch.distributed.checkpoint); not with --compile or --channels-last
+    torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --amp bf16 --fsdp
     python examples/imagenet_fig5.py --data /data/imagenet --rules pfa --limit-steps 100 --epochs 2   # one process
     # after a crash or preemption: the same command plus --resume (checkpoint every 1000 steps as well)
     torchrun --nproc_per_node=8 examples/imagenet_fig5.py --data /data/imagenet --checkpoint-every 1000 --resume

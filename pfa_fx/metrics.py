@@ -12,15 +12,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .node import gathered
 from .registry import feedback_modules
 
 
 def angle_and_norm_ratio(weight: Tensor, weight_b: Tensor) -> tuple[float, float]:
     """Angle in degrees between two tensors seen as vectors, and ``|W_b| / |W|``.
 
-    The angle is ``nan`` where either tensor is zero (no direction to compare)."""
-    a = weight.detach().double().flatten()
-    b = weight_b.detach().double().flatten().to(a.device)
+    The angle is ``nan`` where either tensor is zero (no direction to compare). Sharded
+    tensors (FSDP2's DTensors: the weight gradients :func:`gradient_alignment` compares
+    under ``fully_shard``) are gathered whole first, a collective every rank must call."""
+    a = gathered(weight.detach()).double().flatten()
+    b = gathered(weight_b.detach()).double().flatten().to(a.device)
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return float("nan"), float(nb / na) if na != 0 else float("nan")

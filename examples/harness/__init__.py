@@ -19,9 +19,9 @@ Modules, one job each:
 - ``rules``: rule order and colours, ``--lr-rule``, each rule's ``convert`` options
   (also used by ``mnist_fig2.py``)
 - ``flags``: the flags the scripts share and their checks
-- ``distributed``: one process or torchrun's: process group, DDP, BatchNorm averaging
+- ``distributed``: one process or torchrun's: process group, DDP or FSDP2 (``--fsdp``), BatchNorm averaging
 - ``data``: the seeded training data stream (resumable, the same with any ``--workers``)
-- ``checkpoint``: the checkpoint file (atomic, verified) and ``--resume``
+- ``checkpoint``: the checkpoint file (atomic, verified), the sharded one under ``--fsdp``, and ``--resume``
 - ``train``: one rule's training loop, evaluation, gradient-alignment probe
 - ``experiment``: a whole run over the rules (:func:`run`) and the :class:`Task` it takes
 - ``outputs``: curve rows, ``curves.csv``, ``summary.json``, the printed table

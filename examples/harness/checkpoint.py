@@ -12,9 +12,18 @@ written to a temporary file, fsynced and renamed over the old one, so a crash mi
 leaves the previous checkpoint intact, and a truncated or damaged file is refused by name
 (:class:`CheckpointError`).
 
+Under ``--fsdp`` the checkpoint is the folder ``--out/checkpoint.dcp``
+(:data:`SHARDED`): the model's and optimizer's state as every rank holds it, written by
+every rank with ``torch.distributed.checkpoint`` (``get_model_state_dict``,
+``get_optimizer_state_dict``), and ``harness.pt``, rank 0's file as above with everything
+else (model and optimizer left out). It is written into a temporary folder, then renamed
+into place (:func:`swap_in`); a crash leaves the previous folder whole. A run resumes only
+from the kind of checkpoint it writes: one of the other kind is refused by name.
+
 As the data stream is a pure function of ``(seed, epoch, sample)`` (:mod:`.data`), a
 resumed run continues bit for bit as the uninterrupted run would have (on the CPU; tested
-for every rule, with one and two gloo processes, in ``tests/test_resume.py``).
+for every rule, with one and two gloo processes, in ``tests/test_resume.py``; under
+``--fsdp`` in ``tests/test_resume_fsdp.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +48,8 @@ from .distributed import Dist, gather
 from .outputs import Layer, Recorder
 
 CHECKPOINT = "checkpoint.pt"  # in --out
+SHARDED = "checkpoint.dcp"  # in --out under --fsdp: a folder of every rank's shards and STATE
+STATE = "harness.pt"  # in SHARDED: rank 0's part (the payload without model and optimizer)
 
 
 class CheckpointError(SystemExit):
@@ -53,6 +65,15 @@ _RESUME_NEUTRAL = {
     "argv", "out", "data", "download", "resume", "checkpoint_every", "no_checkpoint", "stop_after_epoch",
     "stop_after_step", "threads", "workers", "no_progress", "tensorboard",
 }  # fmt: skip
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable (POSIX; not on every filesystem)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -73,12 +94,7 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not on every filesystem)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
@@ -108,6 +124,81 @@ def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown layout; {hint}")
     return payload
+
+
+def _previous(folder: Path) -> Path:
+    """Where :func:`swap_in` keeps the previous folder while it renames the new one in."""
+    return folder.with_name(f".{folder.name}.old")
+
+
+def swap_in(tmp: Path, folder: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``folder``: the previous ``folder`` is first
+    renamed aside (:func:`_previous`), and removed once the new one is in place. A crash
+    between the two renames leaves no ``folder`` but the previous one whole aside, which
+    :func:`sharded_folder` finds."""
+    old = _previous(folder)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sharded_folder(out: Path) -> Path | None:
+    """The sharded checkpoint in ``out``: ``SHARDED``, or the previous one a crash in
+    :func:`swap_in` left aside; None if there is neither."""
+    folder = out / SHARDED
+    for candidate in (folder, _previous(folder)):
+        if (candidate / STATE).is_file():
+            return candidate
+    return None
+
+
+def set_aside(out: Path) -> list[Path]:
+    """Rename the checkpoints in ``out`` (either kind) to ``<name>.bak``, replacing older
+    ``.bak`` ones, so that a run started afresh neither overwrites nor later resumes them;
+    returns the new names."""
+    moved = []
+    for found in (out / CHECKPOINT if (out / CHECKPOINT).exists() else None, sharded_folder(out)):
+        if found is None:
+            continue
+        backup = out / f"{found.name.lstrip('.').removesuffix('.old')}.bak"
+        if backup.is_dir():
+            shutil.rmtree(backup)
+        os.replace(found, backup)
+        moved.append(backup)
+    return moved
+
+
+def save_sharded(folder: Path, gm: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the model's and the optimizer's state into ``folder``
+    (collective; ``folder`` must not hold another checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(gm), "optimizer": get_optimizer_state_dict(gm, opt)}, checkpoint_id=folder)
+
+
+def load_sharded(folder: Path, gm: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load the state :func:`save_sharded` wrote into the sharded ``gm`` and ``opt`` (every
+    rank, the same world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    # the optimizer's template first: torch fills a stateless optimizer's with a zero-lr
+    # step, whose hooks (implicit forms' alpha/beta) may move feedback state; the model's
+    # state, loaded after, puts all of it back
+    state = {"optimizer": get_optimizer_state_dict(gm, opt)}
+    state["model"] = get_model_state_dict(gm)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(gm, state["model"])  # feedback state too, counters included (extra state)
+    set_optimizer_state_dict(gm, opt, state["optimizer"])
 
 
 def _plain(value: Any) -> Any:
@@ -173,19 +264,23 @@ def load_rank_buffers(gm: nn.Module, buffers: dict[str, Tensor]) -> None:
 
 class Checkpointer:
     """Writes ``--out/checkpoint.pt`` (rank 0; the RNG states and partial sums of every rank
-    are gathered first, so :meth:`save` is collective) and reads it back for ``--resume``.
+    are gathered first, so :meth:`save` is collective) and reads it back for ``--resume``;
+    under ``--fsdp``, the folder ``--out/checkpoint.dcp`` (module docstring).
 
     Payload: ``format``, ``task``, ``config`` (:func:`run_config`), ``world_size``,
-    ``rows`` (every curve row so far), ``done`` (rule -> result of each finished rule) and
-    ``current``: the rule in progress (or just finished) with ``epoch`` (epochs completed),
-    ``step`` (steps of the next epoch already taken), ``model``/``optimizer``/``scheduler``
-    state dicts, ``train_s``, ``epoch_s`` and ``ranks`` (per rank: RNG states, the epoch's
-    partial loss sum and sample count, and under DDP its BatchNorm running statistics).
+    ``sharded`` (written under ``--fsdp``), ``rows`` (every curve row so far), ``done``
+    (rule -> result of each finished rule) and ``current``: the rule in progress (or just
+    finished) with ``epoch`` (epochs completed), ``step`` (steps of the next epoch already
+    taken), ``model``/``optimizer`` (None when sharded: they are the folder's DCP part) and
+    ``scheduler`` state dicts, ``train_s``, ``epoch_s`` and ``ranks`` (per rank: RNG states,
+    the epoch's partial loss sum and sample count, and under DDP or FSDP its BatchNorm
+    running statistics, which are not sharded and differ between ranks until averaged).
     """
 
     def __init__(self, args: argparse.Namespace, d: Dist, task: str, rec: Recorder):
         self.args, self.d, self.task, self.rec = args, d, task, rec
-        self.path = args.out / CHECKPOINT
+        self.sharded = d.fsdp
+        self.path = args.out / (SHARDED if self.sharded else CHECKPOINT)
         self.enabled = not args.no_checkpoint
         self.done: dict[str, dict[str, Any]] = {}
 
@@ -212,6 +307,12 @@ class Checkpointer:
         ranks = gather(mine, self.d)
         if finished is not None:
             self.done[rule] = finished
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        if self.sharded:
+            if self.d.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-write left
+            self.d.barrier()
+            save_sharded(tmp, gm, opt)  # returns on rank 0 once every rank's shards are written
         if self.d.main:
             done = {
                 r: {**res, "layers": [[lay.name, lay.depth, list(lay.shape)] for lay in res["layers"]]}
@@ -222,8 +323,8 @@ class Checkpointer:
                 "epoch": epoch,
                 "step": step,
                 "finished": finished is not None,
-                "model": gm.state_dict(),
-                "optimizer": opt.state_dict(),
+                "model": None if self.sharded else gm.state_dict(),
+                "optimizer": None if self.sharded else opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "train_s": train_s,
                 "epoch_s": epoch_s,
@@ -234,21 +335,41 @@ class Checkpointer:
                 "task": self.task,
                 "config": run_config(self.args),
                 "world_size": self.d.world,
+                "sharded": self.sharded,
                 "rows": [list(r) for r in self.rec.rows],
                 "done": done,
                 "current": current,
             }
-            write_checkpoint(self.path, payload)
+            if self.sharded:
+                write_checkpoint(tmp / STATE, payload)  # last: a folder with STATE is complete
+                swap_in(tmp, self.path)
+            else:
+                write_checkpoint(self.path, payload)
         self.d.barrier()  # no rank runs ahead (or exits) before the file is in place
 
     def load(self) -> dict[str, Any] | None:
         """Read the checkpoint for ``--resume`` (every rank): restores the curve rows and the
-        finished rules; returns the state of the rule to continue, or None (start it afresh)."""
-        if not self.path.exists():
+        finished rules; returns the state of the rule to continue, or None (start it afresh).
+        Under ``--fsdp`` the returned state's ``sharded`` names the folder whose model and
+        optimizer state :func:`load_sharded` loads once the model is sharded."""
+        out = self.args.out
+        folder = sharded_folder(out)
+        if self.sharded and folder is None and (out / CHECKPOINT).exists():
+            raise CheckpointError(
+                f"--resume --fsdp: {out / CHECKPOINT} was written without --fsdp (whole tensors in one file); "
+                "resume it without --fsdp, or start the sharded run afresh in another --out"
+            )
+        if not self.sharded and not self.path.exists() and folder is not None:
+            raise CheckpointError(
+                f"--resume: {folder} was written with --fsdp (every rank's shards); resume it with --fsdp, "
+                "under torchrun with the same number of processes, or start afresh in another --out"
+            )
+        found = (folder / STATE if folder is not None else None) if self.sharded else self.path
+        if found is None or not found.exists():
             if self.d.main:
                 print(f"--resume: no {self.path} yet; starting afresh", flush=True)
             return None
-        ck = read_checkpoint(self.path, self.d.device)
+        ck = read_checkpoint(found, self.d.device)
         if ck["task"] != self.task:
             raise CheckpointError(f"checkpoint {self.path} is from {ck['task']}, not {self.task}")
         if ck["world_size"] != self.d.world:
@@ -257,7 +378,12 @@ class Checkpointer:
                 "the per-rank batches and random streams would differ; resume with the same number of processes"
             )
         config = run_config(self.args)
-        diff = sorted(k for k in config.keys() | ck["config"].keys() if config.get(k) != ck["config"].get(k))
+        # a flag newer than the checkpoint is absent from its config: it ran as if off
+        diff = sorted(
+            k
+            for k in config.keys() | ck["config"].keys()
+            if config.get(k) != ck["config"].get(k) and not (k not in ck["config"] and config[k] in (False, None))
+        )
         if diff:
             pairs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise CheckpointError(
@@ -282,4 +408,6 @@ class Checkpointer:
         if current["finished"]:  # the next rule starts afresh; carry numpy/python RNG on as before
             set_rng_state(current["ranks"][self.d.rank]["rng"], self.d)
             return None
+        if self.sharded:
+            current["sharded"] = folder
         return current

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import figure
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, set_aside
 from .distributed import Dist
 from .outputs import Recorder, format_table, summarize
 from .train import train_rule
@@ -52,7 +51,8 @@ def run(args: argparse.Namespace, d: Dist, task: Task) -> dict[str, Any] | None:
         args.out.mkdir(parents=True, exist_ok=True)
         print(
             f"{task.name}: data {task.data_source} ({len(task.train_set)} train / {len(task.test_set)} test); "
-            f"rules {' '.join(args.rules)}; {args.epochs} epochs; world size {d.world}; device {d.device}",
+            f"rules {' '.join(args.rules)}; {args.epochs} epochs; world size {d.world}{' (FSDP)' if d.fsdp else ''}; "
+            f"device {d.device}",
             flush=True,
         )
     d.barrier()  # --out exists before any rank looks for a checkpoint in it
@@ -67,10 +67,9 @@ def run(args: argparse.Namespace, d: Dist, task: Task) -> dict[str, Any] | None:
     resume = None
     if args.resume:
         resume = ckpt.load()
-    elif d.main and ckpt.enabled and ckpt.path.exists():  # a forgotten --resume must not cost a long run
-        backup = ckpt.path.with_name(ckpt.path.name + ".bak")
-        os.replace(ckpt.path, backup)
-        print(f"note: starting afresh (no --resume); the previous checkpoint is now {backup}", flush=True)
+    elif d.main and ckpt.enabled:  # a forgotten --resume must not cost a long run
+        for backup in set_aside(args.out):  # either kind: a later --resume must not find a stale one
+            print(f"note: starting afresh (no --resume); the previous checkpoint is now {backup}", flush=True)
     info: dict[str, Any] = {rule: ckpt.done[rule] for rule in args.rules if rule in ckpt.done}
     summary = None
     for rule in args.rules:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, SHARDED
 from .rules import RULES, parse_lr_rules
 
 # torch.compile modes --compile accepts (``--compile`` alone: "default")
@@ -59,6 +59,7 @@ def add_common_args(p: argparse.ArgumentParser, d: Defaults) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE", help=f"torch.compile the training model; MODE: {', '.join(COMPILE_MODES)} (default when left out)")  # fmt: skip
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (CUDA only), applied before convert")  # fmt: skip
+    p.add_argument("--fsdp", action="store_true", help=f"shard model, feedback and optimizer state over the ranks with FSDP2 (fully_shard per block, then the root) instead of DDP; converts with capture='modules'; checkpoints are the folder --out/{SHARDED} (torch.distributed.checkpoint). Under torchrun (without it: one process)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per process (default: torch's; smoke: 1)"
     )
@@ -103,7 +104,28 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: D
         p.error("--checkpoint-every must be >= 0")
     if args.no_checkpoint and (args.checkpoint_every or args.stop_after_epoch or args.stop_after_step):
         p.error("--no-checkpoint excludes --checkpoint-every (and stopping to resume)")
+    if args.fsdp:
+        check_fsdp(p, args)
     return args
+
+
+def check_fsdp(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what ``--fsdp`` cannot be combined with, saying why."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        p.error("--fsdp needs torch.distributed, which this torch build lacks")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        p.error("--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+    if args.compile:
+        # the harness compiles the whole training model; FSDP2's per-block hooks with
+        # pfa_fx's feedback ops under torch.compile are untested: run eager
+        p.error("--fsdp excludes --compile (FSDP2 with torch.compile is not supported by this harness)")
+    if args.channels_last:
+        # FSDP2 shards contiguous parameters along dim 0; channels_last convolution weights are strided
+        p.error("--fsdp excludes --channels-last (FSDP2 does not shard channels_last parameters)")
 
 
 def argv_list(argv: list[str] | None) -> list[str]:

@@ -6,6 +6,12 @@ momentum, the ``--schedule`` of :func:`lr_factor`, and weight decay multiplied b
 alignments are recorded (:mod:`.outputs`); the run is checkpointed as it goes
 (:mod:`.checkpoint`) and continues from a checkpoint's state. The gradient-alignment
 probe runs on every rank, so that ranks stay identical whatever it does to a rule's state.
+
+Under ``--fsdp`` the copy is converted with ``capture="modules"`` and sharded in place
+(:func:`.distributed.wrap_fsdp`) before the optimizer is built on its sharded parameters;
+the weight alignment is read with every block's weights gathered
+(:func:`.distributed.full_weights`), and evaluation runs as many forwards on every rank
+(each one gathers weights: a collective).
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from tqdm import tqdm
 
 import pfa_fx
 
-from .checkpoint import Checkpointer, load_rank_buffers, set_rng_state
+from .checkpoint import Checkpointer, load_rank_buffers, load_sharded, set_rng_state
 from .data import EpochSampler, SeededItems, mix_seed
-from .distributed import Dist, average_bn_stats, wrap_ddp
+from .distributed import Dist, average_bn_stats, full_weights, wrap_ddp, wrap_fsdp
 from .outputs import Recorder, alignment_logger, finite_mean, layer_table
 from .rules import rule_lr, rule_options
 
@@ -71,11 +77,23 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(gm: nn.Module, loader: DataLoader, args: argparse.Namespace, d: Dist) -> tuple[float, float, float]:
-    """(mean cross-entropy, top-1, top-5 accuracy) over the whole test set, all ranks together."""
+def evaluate(
+    gm: nn.Module,
+    loader: DataLoader,
+    args: argparse.Namespace,
+    d: Dist,
+    pad: tuple[int, Tensor] | None = None,
+) -> tuple[float, float, float]:
+    """(mean cross-entropy, top-1, top-5 accuracy) over the whole test set, all ranks together.
+
+    ``pad`` (under ``--fsdp``): ``(batches, x)``: a rank whose shard of the test set has
+    fewer than ``batches`` batches runs the model on ``x`` until it has run as many forwards
+    (its output dropped), as each forward of a sharded model is a collective."""
     gm.eval()
     loss, top1, top5, n = 0.0, 0.0, 0.0, 0.0
+    batches = 0
     for x, y in loader:
+        batches += 1
         x, y = _to(x, d, args.channels_last), y.to(d.device, non_blocking=True)
         with _autocast(args, d):
             out = gm(x)
@@ -85,6 +103,10 @@ def evaluate(gm: nn.Module, loader: DataLoader, args: argparse.Namespace, d: Dis
         top1 += float((top[:, 0] == y).sum())
         top5 += float((top == y[:, None]).any(1).sum())
         n += len(y)
+    if pad is not None:
+        for _ in range(pad[0] - batches):
+            with _autocast(args, d):
+                gm(_to(pad[1], d, args.channels_last))
     loss, top1, top5, n = d.all_sum([loss, top1, top5, n])
     return loss / max(n, 1), top1 / max(n, 1), top5 / max(n, 1)
 
@@ -124,20 +146,34 @@ def train_rule(
     run left early (``--stop-after-epoch``/``--stop-after-step``) after checkpointing.
     """
     torch.manual_seed(args.seed + d.rank)  # model-side randomness (e.g. dropout): same for every rule
-    gm = pfa_fx.convert(copy.deepcopy(init), rule, seed=args.seed, **rule_options(rule, args))
+    # capture="modules": each weight op runs in its owner's forward, where FSDP2 gathers it
+    capture = {"capture": "modules"} if d.fsdp else {}
+    gm = pfa_fx.convert(copy.deepcopy(init), rule, seed=args.seed, **capture, **rule_options(rule, args))
     gm.to(d.device)
     if args.channels_last:
         gm.to(memory_format=torch.channels_last)
-    layers = layer_table(gm)
+    layers = layer_table(gm)  # before sharding: whole weight shapes
+    if d.fsdp:
+        wrap_fsdp(gm, d)  # in place: from here on its parameters are sharded (DTensors)
     lr = rule_lr(rule, args)
     order = args.rules.index(rule)  # the hidden --stop-after-* flags count epochs and steps over all rules
-    opt = torch.optim.SGD(gm.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    params = list(gm.parameters())
+    if d.fsdp:
+        # capture="modules" holds fixed feedback (FA's B, PFA's G, ...) as frozen parameters, as
+        # FSDP2 shards parameters only; no optimizer steps them, and other conversions keep them
+        # as buffers: leave them out. (FSDP2's lazy init also re-registers the ones held squeezed
+        # as new tensors, which an optimizer holding the old ones could not name in its state dict.)
+        params = [p for p in params if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(args, e))
     if state is not None:  # before DDP (which broadcasts rank 0's weights) and torch.compile
-        gm.load_state_dict(state["model"])  # feedback state too, counters included (extra state)
-        opt.load_state_dict(state["optimizer"])
+        if d.fsdp:
+            load_sharded(state["sharded"], gm, opt)  # every rank its own shards
+        else:
+            gm.load_state_dict(state["model"])  # feedback state too, counters included (extra state)
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    model = wrap_ddp(gm, d) if d.distributed else gm
+    model = wrap_ddp(gm, d) if d.distributed and not d.fsdp else gm
     if state is not None:  # after DDP, whose construction copies rank 0's buffers to every rank
         load_rank_buffers(gm, state["ranks"][d.rank]["buffers"])
     step_model = compile_model(model, args.compile) if args.compile else model
@@ -164,24 +200,28 @@ def train_rule(
     if steps == 0:
         raise SystemExit(f"{len(task.train_set)} training images < one global batch of {args.batch_size}")
     align_batch = fixed_batch(task.test_set, args.align_batch)
+    pad = None
+    if d.fsdp:  # rank 0's shard of the test set is the largest: every rank runs as many forwards
+        pad = (math.ceil(math.ceil(len(task.test_set) / d.world) / test_loader.batch_size), align_batch[0][:1])
     tb = None
     if args.tensorboard is not None and d.main:
         tb = alignment_logger(args, rule, state)
 
     def log_epoch(epoch: int, **scalars: float) -> dict[str, Any]:
-        test_loss, acc, acc5 = evaluate(gm, test_loader, args, d)
+        test_loss, acc, acc5 = evaluate(gm, test_loader, args, d, pad)
         info: dict[str, Any] = {"test_acc": acc, "test_loss": test_loss}
         grad = gradient_angles(gm, align_batch, args, d)
-        if d.main:
-            align = pfa_fx.alignment(gm)  # may leave ops out (DFA has no W-shaped feedback)
-            rec.scalar(rule, epoch, test_acc=acc, test_acc5=acc5, test_loss=test_loss, **scalars)
-            rec.layers(rule, epoch, "angle_deg", {k: a for k, (a, _) in align.items()}, layers)
-            rec.layers(rule, epoch, "norm_ratio", {k: r for k, (_, r) in align.items()}, layers)
-            rec.layers(rule, epoch, "grad_angle_deg", grad, layers)
-            info |= {"angle": finite_mean(a for a, _ in align.values()), "grad": finite_mean(grad.values())}
-            if tb is not None:
-                tb.log(epoch, gm, extra={"test_acc": acc, "test_loss": test_loss, **scalars}, gradient_angles=grad)
-            rec.write()
+        with full_weights(gm, d):  # under --fsdp every rank gathers (a collective); rank 0 reads
+            if d.main:
+                align = pfa_fx.alignment(gm)  # may leave ops out (DFA has no W-shaped feedback)
+                rec.scalar(rule, epoch, test_acc=acc, test_acc5=acc5, test_loss=test_loss, **scalars)
+                rec.layers(rule, epoch, "angle_deg", {k: a for k, (a, _) in align.items()}, layers)
+                rec.layers(rule, epoch, "norm_ratio", {k: r for k, (_, r) in align.items()}, layers)
+                rec.layers(rule, epoch, "grad_angle_deg", grad, layers)
+                info |= {"angle": finite_mean(a for a, _ in align.values()), "grad": finite_mean(grad.values())}
+                if tb is not None:
+                    tb.log(epoch, gm, extra={"test_acc": acc, "test_loss": test_loss, **scalars}, gradient_angles=grad)
+                rec.write()
         return info
 
     start = time.perf_counter()
