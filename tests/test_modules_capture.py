@@ -167,3 +167,10 @@ def test_a_graph_converted_model_sharded_per_block_fails_with_a_hint_to_use_modu
         held(torch.randn(3, 20)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", ["fa", "pfa", "kp"])
+def test_alignment_metrics_read_the_same_weights_and_feedback_as_the_graph_conversion(rule):
+    x = torch.randn(5, 4, 6)
+    _, graph, held = _pair(WithAttention, rule, x)
+    assert pfa_fx.alignment(held) == pfa_fx.alignment(graph)
