@@ -2,7 +2,7 @@
 # Everything GPU-specific in one short run (CUDA correctness, bf16 autocast, torch.compile,
 # step-time ratios, eager vs compiled). Usage on a GPU machine: bash benchmarks/gpu_check.sh;
 # results are appended to $OUT/gpu_results.md (or benchmarks/gpu_results.md).
-# About 8 minutes on one H100/H200: every compiled row is capped by `timeout` (a row cut off
+# About 9 minutes on one H100/H200: every compiled row is capped by `timeout` (a row cut off
 # leaves a line saying so instead of its table), the repeats are few where compiling dominates.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +43,9 @@ run 100 --models convnext_tiny "${compiled[@]}"
 # (shrinks with the batch) or proportional work (stays)? (~1.5 min)
 run 100 --models resnet50 --size 224 --batch 256 --amp bf16 --channels-last --variants bp fa kp pfa-compact \
     --compare-compiled --compile-mode default --warmup 2 --repeats 5
+# store_feedback=False: FA and PFA with fixed feedback redrawn per backward (a CPU draw and a
+# copy to the GPU per op) against stored and BP, interleaved (~1 min)
+timeout 120 "$py" benchmarks/feedback_storage.py --device cuda --part time --models resnet18 --size 224 \
+    --batch 128 --rules fa pfa --warmup 2 --repeats 6 --out "$out" ||
+    echo "feedback_storage.py stopped (exit $?; limit 120 s) after $((SECONDS - start)) s in all" | tee -a "$out"
 echo "gpu_check.sh: $((SECONDS - start)) s" | tee -a "$out"

@@ -72,6 +72,7 @@ import pfa_fx
 from pfa_fx.errors import ConversionError
 from pfa_fx.install import make_node
 from pfa_fx.node import FeedbackNode
+from pfa_fx.rules import rule_class
 from pfa_fx.rules.dfa import BLOCK, CACHE_LIMIT
 from pfa_fx.rules.pfa import PFANode
 
@@ -507,9 +508,10 @@ def store_feedback_supported() -> bool:
 
 
 def held_names(node: FeedbackNode) -> dict[str, int]:
-    """``{name: numel}`` of a node's parameters and buffers of more than one number."""
+    """``{name: numel}`` of a node's parameters and saved buffers of more than one number
+    (not the redraw's layout probe: four numbers, never saved)."""
     tensors = [*node.named_parameters(recurse=False), *node.named_buffers(recurse=False)]
-    return {name: t.numel() for name, t in tensors if t.numel() > 1}
+    return {name: t.numel() for name, t in tensors if t.numel() > 1 and name not in node._non_persistent_buffers_set}
 
 
 def check_store_feedback(model: nn.Module, variants: dict[str, tuple[str, dict]] = VARIANTS, **kw: Any) -> int:
@@ -517,6 +519,8 @@ def check_store_feedback(model: nn.Module, variants: dict[str, tuple[str, dict]]
     :func:`classify` calls ``fixed``. Returns the number of ops compared."""
     compared = 0
     for rule, options in variants.values():
+        if "store_feedback" not in rule_class(rule).options:
+            continue  # bp holds nothing; kp/wm/pal learn their feedback, which must be stored
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kept = dict(pfa_fx.feedback_modules(pfa_fx.convert(model, rule, **options, **kw)))

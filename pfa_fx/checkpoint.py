@@ -9,6 +9,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ConversionError, short_list
@@ -118,8 +119,48 @@ def _same_config(theirs: Mapping[str, Any] | None, node: FeedbackNode | None) ->
         if k in options and k not in node.compute_only_options and options[k] != v:
             return False
     # rules that keep drawing from seeded streams after conversion continue another run
-    # under another seed; the others carry every draw in their saved tensors
-    return not (node.draws_from_seed and theirs.get("seed", node.seed) != node.seed)
+    # under another seed; the others carry every draw in their saved tensors, except where
+    # the checkpoint's conversion redrew them (store_feedback=False): its seed defines them
+    redrawn = node.draws_from_seed or (bool(node.fixed_draws) and _unstored(theirs))
+    return not (redrawn and theirs.get("seed", node.seed) != node.seed)
+
+
+def _unstored(config: Mapping[str, Any] | None) -> bool:
+    """Whether a recorded op was converted with ``store_feedback=False``."""
+    return config is not None and config.get("options", {}).get("store_feedback") is False
+
+
+def _reconcile_fixed_draws(
+    state_dict: Any, prefix: str, module: nn.Module, nodes: Mapping[str, FeedbackNode], theirs: Mapping[str, Any] | None
+) -> None:
+    """Fixed random tensors held on one side only (``store_feedback`` differs between the
+    checkpoint's conversion and this one, with the same seed): a node that redraws its ``B``
+    takes the checkpoint's ``B`` out of the load after checking that it is the redraw (the
+    values a stored buffer would have taken); a node that stores it gets its own value where
+    the checkpoint (recorded as redrawing it) has none. Ops whose recorded configuration
+    differs are left to the caller's checks (``theirs`` None: the checkpoint records none)."""
+    paths = {id(m): name for name, m in module.named_modules() if isinstance(m, FeedbackNode)}
+    for op, node in nodes.items():
+        mine = node.fixed_draws
+        if not mine:
+            continue
+        cfg = None if theirs is None else theirs.get(op)
+        if theirs is not None and not _same_config(cfg, node):
+            continue
+        for name in mine:
+            key = f"{prefix}{paths[id(node)]}.{name}"  # in this model's layout (after _to_this_layout)
+            if not node.store_feedback and key in state_dict:
+                held = state_dict.pop(key)
+                redrawn = node.redraw(name)
+                if not (held.shape == redrawn.shape and torch.equal(held.to(redrawn), redrawn)):
+                    raise ConversionError(
+                        f"op '{op}' ({node.rule}, store_feedback=False) redraws its fixed feedback {name} from "
+                        f"seed={node.seed!r}, but the checkpoint holds a different {name} (another seed or op, a "
+                        f"draw saved at another precision, or a tensor set by hand): convert with "
+                        f"store_feedback=True to load it as it is"
+                    )
+            elif node.store_feedback and key not in state_dict and _unstored(cfg):
+                state_dict[key] = node.held(name)  # the draw of this seed, which it redrew
 
 
 def _render(config: Mapping[str, Any] | None) -> str:
@@ -176,6 +217,7 @@ def _check_checkpoint(
         if not strict:  # only what would load feedback tensors into a differently configured op
             differ = [op for op in differ if op in theirs and op in own and incoming.get(op, set()) & own[op]]
         if not differ:
+            _reconcile_fixed_draws(state_dict, prefix, module, nodes, theirs)
             return
         lines = [
             f"this checkpoint was saved from another conversion ({len(differ)} op(s) differ in rule, options or seed):",
@@ -188,8 +230,9 @@ def _check_checkpoint(
         if seeds_only:
             seeds = ", ".join(sorted({repr(theirs[op].get("seed")) for op in differ}))
             lines.append(
-                "only the seed differs, but these ops keep drawing noise or projections from it after "
-                f"conversion (DFA, WM, PAL, brSF): the run continues only under the checkpoint's seed={seeds}"
+                "only the seed differs, but these ops keep drawing noise, projections or feedback from it after "
+                "conversion (DFA, WM, PAL, brSF, and fixed feedback converted with store_feedback=False): the run "
+                f"continues only under the checkpoint's seed={seeds}"
             )
         hint = _convert_call(theirs)
         lines.append(
@@ -199,8 +242,14 @@ def _check_checkpoint(
             "strict=False."
         )
         raise ConversionError("\n".join(lines))
+    _reconcile_fixed_draws(state_dict, prefix, module, nodes, None)  # a stored B into a node that redraws it: checked
     if not strict:
         return
+    incoming = {}  # again: the reconciliation took redrawn tensors out
+    for key in state_dict:
+        found = op_of_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if found is not None:
+            incoming.setdefault(found[0], set()).add(found[1])
     differ = [op for op in dict.fromkeys([*incoming, *own]) if incoming.get(op, set()) != own.get(op, set())]
     if differ:
         lines = [

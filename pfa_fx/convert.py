@@ -83,6 +83,16 @@ def convert(
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
             ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf),
             ``sigma``, ``mirror_lr``, ``decay`` (wm), ``sigma``, ``feedback_lr``, ``decay`` (pal).
+            ``store_feedback=False`` (fa, sf, dfa, pfa, pfa-o; default True) holds no fixed
+            random feedback in memory: fa's ``B``, frSF's ``M`` and explicit pfa/pfa-o's ``B``
+            are redrawn in every backward from the op's seeded generator, bit for bit the
+            tensors a stored conversion with the same ``seed`` holds (cast as they would
+            have been by ``.to()``/``.half()``), and dfa caches no projection. It saves
+            ``|W|`` numbers per fa/frSF op (``expansion·n_out²/groups`` per pfa op) for a
+            redraw per op and backward (each rule's docstring gives the cost); such ops run
+            between torch.compile graphs, as dfa's do. compact pfa's ``G`` stays stored.
+            kp, wm and pal learn their feedback and refuse ``False``. A checkpoint loads
+            across ``store_feedback`` settings of the same seed.
 
     Returns:
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,

@@ -15,6 +15,7 @@ from typing import Any, Union
 from torch import nn
 
 from .errors import ConversionError, did_you_mean, short_list
+from .node import check_store_feedback
 from .rules import canonical_rule, rule_class
 
 RuleSpec = Union[str, tuple[str, Mapping[str, Any]], None]
@@ -136,6 +137,16 @@ def check_spec(spec: Any, options: Mapping[str, Any]) -> None:
 
 def _check_options(owner: str | None, options: Mapping[str, Any], names: list[str]) -> None:
     valid = {opt for n in names for opt in rule_class(n).options}
+    if "store_feedback" in options:
+        accepting = [n for n in dict.fromkeys(names) if "store_feedback" in rule_class(n).options]
+        learned = [n for n in dict.fromkeys(names) if rule_class(n).learned_feedback]
+        if accepting or learned:
+            check_store_feedback(options["store_feedback"], owner or ", ".join(accepting + learned))
+            # rules with learned feedback store it whatever the option says: True is what they
+            # do (make_node leaves the option out for them), False is refused with the reason
+            valid.add("store_feedback")
+            for n in learned:
+                check_store_feedback(options["store_feedback"], n, rule_class(n).learned_feedback)
     for opt in options:
         if opt not in valid:
             which = f"rule {owner!r}" if owner else f"rule(s) {', '.join(sorted(set(names)))}"

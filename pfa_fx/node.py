@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ConversionError, did_you_mean
+from .errors import ConversionError, ConversionTypeError, did_you_mean
 
 
 def derived_seed(*parts: object) -> int:
@@ -39,6 +39,107 @@ def xavier_std(shape: torch.Size | tuple[int, ...]) -> float:
     receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
     fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
     return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def check_store_feedback(value: Any, rule: str, learned: str = "") -> bool:
+    """``store_feedback`` as a bool, or :class:`~pfa_fx.ConversionError` (a ``ValueError``):
+    a value that is not ``True``/``False``, or ``False`` for a rule whose feedback is
+    learned (``learned``: why, e.g. KP's ``B`` is updated like ``W``), which must be stored."""
+    if not isinstance(value, bool):
+        raise ConversionTypeError(
+            f"{rule}: store_feedback must be True (hold fixed random feedback in memory, the default) or False "
+            f"(redraw it from the seed in every backward), got {value!r}"
+        )
+    if not value and learned:
+        raise ConversionError(
+            f"{rule}: store_feedback=False is refused: {learned}, so it is state that must be stored. Only "
+            "fixed random feedback can be redrawn instead of stored (fa's B, sf's M with variant='frsf', dfa's "
+            "projections, pfa/pfa-o's B). In a rule mapping, give store_feedback=False to the fixed-feedback "
+            f"entries only, e.g. {{'fc': {rule!r}, '*': ('fa', {{'store_feedback': False}})}}"
+        )
+    return value
+
+
+#: numbers per piece when fixed Gaussian feedback is redrawn: bounds the float64 scratch of a
+#: redraw (2 MiB) whatever the weight's size; a multiple of 16 (see :func:`gaussian_pieces`)
+REDRAW_PIECE = 1 << 18
+
+
+def gaussian_pieces(generator: torch.Generator, numel: int, std: float, piece: int = REDRAW_PIECE):
+    """``(start, stop, values)``: ``torch.randn(numel, generator=generator, dtype=float64) * std``
+    drawn ``piece`` numbers at a time, with the same values and leaving ``generator`` where the
+    whole draw leaves it. That holds for torch's CPU normal sampler, which fills ``n >= 16``
+    numbers from ``n`` uniforms in blocks of 16 (and redraws the last 16 when ``n % 16``):
+    every piece but the last is a multiple of 16, and the last has at least 16 numbers
+    (tests/test_store_feedback.py checks the equality on the installed torch)."""
+    start = 0
+    while start < numel:
+        stop = min(numel, start + piece)
+        if numel - stop < 16:  # a tail under 16 would take the sampler's other (scalar) path
+            stop = numel
+        yield start, stop, torch.randn(stop - start, generator=generator, dtype=torch.float64).mul_(std)
+        start = stop
+
+
+def generator_key(generator: torch.Generator) -> int | Tensor:
+    """What :func:`generator_at` needs to restart ``generator`` from where it is now: its seed
+    when nothing was drawn since it was seeded (the case of every node :func:`pfa_fx.convert`
+    makes: a few bytes), else a snapshot of its state (5 KiB, a uint8 tensor)."""
+    seed = generator.initial_seed()
+    if torch.equal(torch.Generator().manual_seed(seed).get_state(), generator.get_state()):
+        return seed
+    return generator.get_state()
+
+
+def generator_at(key: int | Tensor) -> torch.Generator:
+    """A fresh CPU generator where :func:`generator_key` found one."""
+    gen = torch.Generator()
+    if isinstance(key, Tensor):
+        gen.set_state(key)
+    else:
+        gen.manual_seed(key)
+    return gen
+
+
+#: dtype -> the dtypes that hold each of its values exactly (a cast between them cannot round)
+_HOLDS_EXACTLY = {
+    torch.float64: {torch.float64},
+    torch.float32: {torch.float32, torch.float64},
+    torch.float16: {torch.float16, torch.float32, torch.float64},
+    torch.bfloat16: {torch.bfloat16, torch.float32, torch.float64},
+}
+
+
+class CastTrail:
+    """The casts a tensor drawn in float64 and stored at conversion would have gone through
+    (the conversion's cast to W's dtype, then each ``model.to(dtype)`` / ``.half()``): what a
+    redraw repeats to give the stored tensor's values bit for bit. ``model.double()`` of a
+    float32 model leaves a stored buffer holding float32 values in float64, ``.half()`` then
+    ``.float()`` half-precision values, and a direct cast of the float64 draw would differ
+    from both. Casts that cannot round are not kept, so back-and-forth moves stay short."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.rounded: list[torch.dtype] = [dtype]  # the casts that may have rounded, in order
+        self.dtype = dtype  # the stored tensor's dtype now
+
+    def moved_to(self, dtype: torch.dtype) -> None:
+        if dtype == self.dtype:
+            return
+        # exact when the new dtype holds the current dtype's values, or the values the last
+        # rounding left (float32 values held in float64 and cast back to float32)
+        exact = dtype in _HOLDS_EXACTLY.get(self.dtype, ()) or dtype in _HOLDS_EXACTLY.get(self.rounded[-1], ())
+        if not exact:
+            self.rounded.append(dtype)
+        self.dtype = dtype
+
+    def apply(self, t: Tensor) -> Tensor:
+        """``t`` (the float64 draw) as the stored tensor would hold it now."""
+        for d in self.rounded:
+            t = t.to(d)
+        return t.to(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"CastTrail(rounded={self.rounded}, dtype={self.dtype})"
 
 
 SCALES = ("xavier", "weight")
@@ -103,9 +204,16 @@ class FeedbackNode(nn.Module):
     rule: ClassVar[str] = ""
     #: options this rule accepts, with their defaults (this node's own values: :attr:`config`)
     options: ClassVar[dict[str, Any]] = {}
-    #: options that only choose how the same numbers are computed (PFA's ``route``): a
-    #: checkpoint may be loaded into a conversion where they differ
-    compute_only_options: ClassVar[frozenset[str]] = frozenset()
+    #: options that only choose how the same numbers are computed (PFA's ``route``, and
+    #: ``store_feedback``: held or redrawn, the same values): a checkpoint may be loaded into
+    #: a conversion where they differ
+    compute_only_options: ClassVar[frozenset[str]] = frozenset({"store_feedback"})
+    #: why the rule's feedback is learned, for rules whose feedback must therefore be stored
+    #: (``store_feedback=False`` is refused with this reason); empty for the others
+    learned_feedback: ClassVar[str] = ""
+    #: False where the rule redraws its fixed random feedback in every backward instead of
+    #: holding it (``store_feedback=False``, for the rules that accept the option)
+    store_feedback: bool = True
     #: whether W_b depends on trainable state (the op then returns grad_W for it)
     plastic: ClassVar[bool] = False
     #: whether the rule has a W-shaped ``W_b`` (DFA's feedback is a projection of the
@@ -201,6 +309,18 @@ class FeedbackNode(nn.Module):
         gx, gw, gb = family.fused(e, x, weight_b, need.x, need.w or need.state, need.b)
         return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
 
+    def backward_input_first(
+        self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any
+    ):
+        """:meth:`backward` in two native calls: the input gradient through a ``W_b`` built for
+        it alone, then W's and the bias's gradients once ``W_b`` is gone. For a ``W_b`` that
+        is redrawn rather than held (``store_feedback=False``): it and ``grad_W`` (both
+        W-sized) are then never alive together, so the step's peak memory stays BP's, whose
+        one call holds W and ``grad_W``. Each gradient comes out as from the fused call."""
+        gx = family.fused(e, x, self.feedback_from(weight, state), True, False, False)[0] if need.x else None
+        _, gw, gb = family.fused(e, x, weight, False, need.w or need.state, need.b)  # W only gives shapes
+        return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
+
     def run_backward(self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any):
         """What the op calls: the rule's backward, or BP's inside ``pfa_fx.backprop_mode``."""
         if self.as_backprop:
@@ -252,9 +372,22 @@ class FeedbackNode(nn.Module):
     def config(self) -> dict[str, Any]:
         """This node's actual options, e.g. ``{"expansion": 2, "compact": True, ...}`` for a
         node converted with ``expansion=2, compact=True`` (defaults resolved: WM's
-        ``mirror_lr=None`` shows as the rate it stands for). :attr:`options` holds the
-        class's defaults instead."""
-        return {k: getattr(self, k) for k in self.options}
+        ``mirror_lr=None`` shows as the rate it stands for; ``store_feedback`` only where it
+        is False). :attr:`options` holds the class's defaults instead."""
+        # store_feedback appears only where it is False: a conversion with the default keeps
+        # the config, repr, report and checkpoint record it always had
+        return {k: getattr(self, k) for k in self.options if not (k == "store_feedback" and self.store_feedback)}
+
+    @property
+    def fixed_draws(self) -> tuple[str, ...]:
+        """Names of the fixed random tensors of this node's configuration (FA's ``"B"``):
+        buffers under ``store_feedback=True``, redrawn by :meth:`redraw` otherwise."""
+        return ()
+
+    def redraw(self, name: str) -> Tensor:
+        """The fixed tensor ``name`` as a ``store_feedback=True`` conversion with the same
+        seed would hold it now (its dtype and device after the model's moves)."""
+        raise KeyError(f"{self.rule}: no fixed random tensor {name!r} to redraw")
 
     @property
     def draws_from_seed(self) -> bool:
@@ -265,9 +398,10 @@ class FeedbackNode(nn.Module):
         return False
 
     def state_numel(self) -> int:
-        """Numbers this node holds as feedback state (its own parameters and buffers)."""
-        tensors = [*self._parameters.values(), *self._buffers.values()]
-        return sum(t.numel() for t in tensors if t is not None)
+        """Numbers this node holds as feedback state (its own parameters and buffers, and
+        the generator snapshots a redraw starts from, if any)."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), *self.__dict__.get("_draw_keys", {}).values()]
+        return sum(t.numel() for t in tensors if isinstance(t, Tensor))
 
     @property
     def weight(self) -> Tensor:
@@ -304,6 +438,52 @@ class FeedbackNode(nn.Module):
             gen = self.__dict__["_gen"] = torch.Generator(device=device)
         gen.manual_seed(derived_seed(*parts))
         return gen
+
+    def keep_redraw(self, weight: Tensor, rank: int = 0, **keys: int | Tensor) -> None:
+        """Set up redrawing instead of storing (``store_feedback=False``): ``keys`` maps each
+        draw to its :func:`generator_key`; the cast trail starts at W's dtype. A probe buffer
+        (not saved; no numbers, or four for a kernel of ``rank`` 4 or 5, enough to show the
+        memory format ``model.to(memory_format=...)`` would give a stored kernel) follows the
+        model's moves, so the redraw lands where and as the stored tensor would be. The redraw
+        in the backward uses a CPU generator, kept out of torch.compile's graphs (a traced
+        backward could bake the draw into the graph as a constant): the op runs between
+        compiled graphs, as DFA's do."""
+        self._draw_keys: dict[str, int | Tensor] = dict(keys)
+        self._trail = CastTrail(weight.dtype)
+        shape = {4: (1, 2, 1, 2), 5: (1, 2, 1, 1, 2)}.get(rank, (0,))
+        self.register_buffer(
+            "_redraw_probe", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False
+        )
+        self.traceable_backward = False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)
+        probe = self._buffers.get("_redraw_probe")
+        if probe is not None:  # a stored tensor would have been cast with the model: so will its redraw
+            self._trail.moved_to(probe.dtype)
+        return out
+
+    def _redraw_format(self) -> torch.memory_format:
+        probe = self._redraw_probe
+        if probe.is_contiguous():
+            return torch.contiguous_format
+        return torch.channels_last if probe.dim() == 4 else torch.channels_last_3d
+
+    def redrawn_gaussian(self, key: str, std: float, like: Tensor | None = None) -> Tensor:
+        """W-shaped: what :meth:`draw` stored from the generator of ``key`` at conversion holds
+        now, in ``like``'s dtype and device (in the backward: W's, cast by autocast as the
+        stored tensor would be), else where the stored tensor would be. Drawn in pieces of
+        :data:`REDRAW_PIECE` straight into the result: no W-sized float64 scratch."""
+        if like is None:
+            dtype, device = self._trail.dtype, self._redraw_probe.device
+        else:
+            dtype, device = like.dtype, like.device
+        out = torch.empty(self.weight_shape, dtype=dtype, device=device)
+        flat = out.view(-1)
+        for start, stop, values in gaussian_pieces(generator_at(self._draw_keys[key]), out.numel(), std):
+            flat[start:stop].copy_(self._trail.apply(values))
+        fmt = self._redraw_format()
+        return out if fmt == torch.contiguous_format else out.contiguous(memory_format=fmt)
 
     @staticmethod
     def draw(shape: tuple[int, ...], generator: torch.Generator, like: Tensor, std: float) -> Tensor:

@@ -121,9 +121,10 @@ def _costs(nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
         weights = sum(math.prod(n.weight_shape) for n in explicit)
         # compact keeps S (W-shaped) and G = B B^T (n_out^2 / groups) whatever the expansion
         compact = sum(math.prod(n.weight_shape) + n.n_out**2 // n.groups for n in explicit)
+        b_held = "B (expansion x n_out^2)" if any(n.store_feedback for n in explicit) else "no B (redrawn)"
         lines.append(
             f"cost: {len(explicit)} pfa op(s) with compact=False (the default) hold R (expansion x |W|) and "
-            f"B (expansion x n_out^2): {_count(held)} numbers for {_count(weights)} weights; compact=True would "
+            f"{b_held}: {_count(held)} numbers for {_count(weights)} weights; compact=True would "
             f"hold {_count(compact)} (S and G = B B^T) and train the same under torch.optim.SGD (not under "
             "Adam/AdamW/RMSprop)"
         )
@@ -132,6 +133,13 @@ def _costs(nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
             "note: compact=True equals explicit PFA under SGD; clip gradients with "
             "pfa_fx.clip_grad_norm_(model, max_norm), not torch.nn.utils.clip_grad_norm_(model.parameters(), ...), "
             "whose norm counts S's gradient"
+        )
+    redrawn = [name for name, n in nodes if n.fixed_draws and not n.store_feedback]
+    if redrawn:
+        lines.append(
+            f"note: {len(redrawn)} op(s) hold no fixed random feedback (store_feedback=False): each backward "
+            "redraws it from the seed (CPU draws, the same values as stored), and the ops run between "
+            "torch.compile graphs"
         )
     off = []
     for name, node in nodes:

@@ -26,6 +26,9 @@ the CPU, identical on every device and process) and cached; larger ones (ResNet-
 early layers at 224 px with 1,000 classes hold ~10⁸) are redrawn in every backward from
 a seeded generator on the op's device, ``BLOCK`` columns at a time, and never stored
 (identical across processes on the same device type). The state is a seed per op name.
+``store_feedback=False`` caches nothing: every projection is redrawn in every backward (the
+small ones on the CPU, as the cached ones were drawn, so the values are the same), at the
+cost of ``d_out·D`` Gaussian draws per op and backward.
 
 Scale: ``scale="xavier"`` (default) draws ``P`` with Xavier's std for a linear map from
 ``d_out`` to ``D = C·H·W`` units, ``sqrt(2 / (d_out + D))``, so ``|P e| ≈ |e|`` for any
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionError
-from ..node import FeedbackNode, derived_seed
+from ..node import FeedbackNode, check_store_feedback, derived_seed
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
 CACHE_LIMIT = 1 << 22
@@ -136,7 +139,7 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
 class DFANode(FeedbackNode):
     rule = "dfa"
     traceable_backward = False  # the output error exists only during the backward
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
+    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "store_feedback": True}
     has_feedback_weight = False
 
     def __init__(
@@ -147,8 +150,10 @@ class DFANode(FeedbackNode):
         generator: torch.Generator,
         transposed: bool = False,
         scale: str | float = "xavier",
+        store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
+        self.store_feedback = check_store_feedback(store_feedback, self.rule)
         if isinstance(scale, str):
             if scale != "xavier":
                 raise ConversionError(
@@ -166,6 +171,10 @@ class DFANode(FeedbackNode):
     @property
     def draws_from_seed(self) -> bool:
         return True  # the projections are drawn in the backward from a seed, never saved
+
+    def state_numel(self) -> int:
+        # the cached projections are held too (none under store_feedback=False)
+        return super().state_numel() + sum(P.numel() for P in self._cache.values())
 
     # -- the projection ----------------------------------------------------------------
     def projection_std(self, d_out: int, d_in: int) -> float:
@@ -198,7 +207,9 @@ class DFANode(FeedbackNode):
             key = (d_out, d_in, e.device, e.dtype)
             P = self._cache.get(key)
             if P is None:
-                P = self._cache[key] = self.projection(d_out, d_in).to(device=e.device, dtype=e.dtype)
+                P = self.projection(d_out, d_in).to(device=e.device, dtype=e.dtype)
+                if self.store_feedback:  # else dropped when this backward returns
+                    self._cache[key] = P
             return e.mm(P)
         out = e.new_empty((e.shape[0], d_in))
         for start, stop, p in self._chunks(d_out, d_in, e.device):

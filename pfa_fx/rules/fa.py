@@ -1,17 +1,24 @@
 """Feedback alignment (Lillicrap et al. 2016): ``W_b = B``, fixed random at W's init scale
-(``scale="xavier"``, the default) or W's own (``scale="weight"``)."""
+(``scale="xavier"``, the default) or W's own (``scale="weight"``).
+
+``store_feedback=False`` holds no ``B``: every backward redraws it from the op's seeded
+generator (a CPU float64 Gaussian, cast as the stored buffer would have been: W's dtype at
+conversion, then the model's moves), bit for bit the ``B`` of ``store_feedback=True`` with
+the same seed. Cost per op and backward: ``|W|`` Gaussian draws on the CPU (plus a copy to
+W's device), and one W-sized tensor alive while the op's backward runs.
+"""
 
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..node import FeedbackNode, feedback_std
+from ..node import FeedbackNode, check_store_feedback, feedback_std, gaussian_pieces, generator_key
 
 
 class FANode(FeedbackNode):
     rule = "fa"
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier"}
+    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "store_feedback": True}
 
     def __init__(
         self,
@@ -21,14 +28,44 @@ class FANode(FeedbackNode):
         generator: torch.Generator,
         transposed: bool = False,
         scale: str | float = "xavier",
+        store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         self.scale = scale
+        # KP, WM and PAL start from this draw and then learn B: they refuse False here
+        self.store_feedback = check_store_feedback(store_feedback, self.rule, self.learned_feedback)
         std = feedback_std(weight, scale, self.rule)
-        self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
+        if self.store_feedback:
+            self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
+            return
+        self._std = std
+        self.keep_redraw(weight, weight.dim(), B=generator_key(generator))
+        # leave the generator where drawing B leaves it: a subclass's later draws stay the same
+        for _ in gaussian_pieces(generator, weight.numel(), std):
+            pass
+
+    @property
+    def fixed_draws(self) -> tuple[str, ...]:
+        return () if self.learned_feedback else ("B",)
+
+    def redraw(self, name: str) -> Tensor:
+        if name != "B" or self.store_feedback:
+            return super().redraw(name)
+        return self.redrawn_gaussian("B", self._std)
+
+    @property
+    def draws_from_seed(self) -> bool:
+        return not self.store_feedback  # B redrawn from (seed, op name) in every backward
 
     def state(self) -> tuple[Tensor, ...]:
-        return (self.B,)
+        return (self.B,) if self.store_feedback else ()
+
+    def backward(self, family, e, x, weight, state, need):
+        if self.store_feedback:
+            return super().backward(family, e, x, weight, state, need)
+        return self.backward_input_first(family, e, x, weight, state, need)  # B and grad_W never both alive
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
-        return state[0]
+        if self.store_feedback:
+            return state[0]
+        return self.redrawn_gaussian("B", self._std, weight)

@@ -2,7 +2,8 @@
 
 The op returns ``grad_W`` as B's gradient, so with the same optimizer and weight decay
 ``B - W`` decays geometrically and ``B -> W``. B starts as FA's draw (same ``scale``
-option), as a trainable parameter.
+option), as a trainable parameter. Being learned, it is always stored: ``store_feedback=False``
+(FA's redraw-per-backward) is refused with a :class:`~pfa_fx.ConversionError`.
 
 Implicit form (``pfa_fx.convert(model, "kp", implicit=True)``, opt-in)
 --------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class KPNode(SGDImplicit, FANode):
     explicit_conversion = "pfa_fx.convert(model, 'kp')"
     implicit_of = "B"
     plastic = True
+    learned_feedback = "kp's feedback B is learned (it receives W's gradient and is stepped like W)"
     options: ClassVar[dict[str, Any]] = {"scale": "xavier", "implicit": False}
 
     def __init__(self, weight: Tensor, *, implicit: bool = False, **kwargs: Any):

@@ -34,7 +34,8 @@ It costs one forward without grad plus one weight-gradient product per op. Under
 
 Defaults: ``sigma=0.1`` (small against unit-scale activity: first-order regime),
 ``decay=None`` → ``α = σ²`` (so ``E[f'] = 1`` gives ``W_b* = W``), ``feedback_lr=None`` →
-``0.002/α`` (0.2 % of the way to the fixed point per step, as WM's default). ``W_b`` starts as FA's draw.
+``0.002/α`` (0.2 % of the way to the fixed point per step, as WM's default). ``W_b`` starts as FA's draw;
+being learned, it is always stored (``store_feedback=False`` is refused).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .wm import RATE, WMNode, _positive
 
 class PALNode(WMNode):
     rule = "pal"
+    learned_feedback = "pal's feedback B is learned (from the noise riding on the network's own activity)"
     options: ClassVar[dict[str, Any]] = {"scale": "xavier", "sigma": 0.1, "feedback_lr": None, "decay": None}
     records_input = True
     mirrors_after_step = False

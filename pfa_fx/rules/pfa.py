@@ -55,6 +55,20 @@ feedback) where it is; with a computed weight (weight standardization) ``D0`` is
 against the computed weight; ``pfa_fx.step_feedback`` refuses these ops (loops that apply
 SGD by hand call ``node.sgd_step``).
 
+``store_feedback=False`` (explicit form) holds no ``B``: every backward redraws it from the
+op's seeded generator, bit for bit the ``B`` of ``store_feedback=True`` with the same seed
+(``B`` is the generator's first draw; at ``density < 1`` its mask, drawn after ``R``, is
+redrawn from a snapshot of the generator taken where the mask's draw began: 5 KiB per op).
+``R`` is plastic and stays a parameter. Cost per op and backward: ``expansion·n_out²/groups``
+Gaussian draws on the CPU (pfa-o: and the QR factorization that orthonormalizes them,
+``~2·expansion·n_out³/groups²`` flops, which dominates for wide layers), and ``B`` alive while
+the op's backward runs. ``compact=True`` keeps ``G = B B^T``: it is derived state
+(``n_out²/groups`` numbers, below ``|W|``), and regenerating it would cost a draw and an
+``expansion·n_out³`` product per backward, so it stays stored under ``store_feedback=False``
+too; the implicit form's ``D0 = S0 - W0`` depends on the model's initial weights, which no
+seed regenerates, so it stays stored as well. For the compact forms the option changes
+nothing.
+
 ``pfa-o`` draws ``B`` with orthonormal rows (``B B^T = I``), so ``W_b -> W`` with weight
 decay at any expansion >= 1; under SGD it is Kolen–Pollack started from ``B·R0``. It accepts
 only ``density=1.0``: orthonormalizing the rows of a sparse ``B`` fills it in again.
@@ -72,7 +86,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import ConversionError, ConversionTypeError, did_you_mean
-from ..node import FeedbackNode, feedback_std, xavier_std
+from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_at, generator_key, xavier_std
 from .sgd_implicit import SGDImplicit
 
 ROUTES = ("auto", "product", "population")
@@ -153,8 +167,10 @@ class PFANode(SGDImplicit, FeedbackNode):
         "scale": "xavier",
         "density": 1.0,
         "implicit": False,
+        "store_feedback": True,
     }
-    compute_only_options: ClassVar[frozenset[str]] = frozenset({"route"})  # both routes: the same gradients
+    # both routes give the same gradients; B stored or redrawn holds the same values
+    compute_only_options: ClassVar[frozenset[str]] = frozenset({"route", "store_feedback"})
     orthonormal = False
 
     def __init__(
@@ -170,8 +186,10 @@ class PFANode(SGDImplicit, FeedbackNode):
         scale: str | float = "xavier",
         density: float = 1.0,
         implicit: bool = False,
+        store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
+        self.store_feedback = check_store_feedback(store_feedback, self.rule)
         if not isinstance(implicit, bool):
             raise ConversionTypeError(f"{self.rule}: implicit must be True or False, got {implicit!r}")
         if implicit and not compact:
@@ -205,6 +223,7 @@ class PFANode(SGDImplicit, FeedbackNode):
         nbar_g = max(1, round(expansion * out_g))
         self.nbar = nbar_g * g
 
+        draw_keys = {"B": generator_key(generator)}  # B is drawn first: redrawn from here
         B = self._draw_B(g, out_g, nbar_g, generator)  # (g, out_g, nbar_g), float64
         # R: (n̄, in/g, *k) drawn Xavier-uniform, as the paper's recipe does; for a
         # transposed convolution W's layout, (in, n̄/g, *k), so R is itself a weight of
@@ -224,6 +243,7 @@ class PFANode(SGDImplicit, FeedbackNode):
         if self.density < 1.0:
             # drawn last: at density 1 nothing extra is drawn (seeded results stay as they were),
             # and at any density B's Gaussian values and R0 are those of the dense rule
+            draw_keys["mask"] = generator.get_state()  # after R: a redraw of B resumes here
             B = sparsify_feedback(B, self.density, generator)
         to = {"device": weight.device, "dtype": weight.dtype}
         if self.compact:
@@ -244,10 +264,38 @@ class PFANode(SGDImplicit, FeedbackNode):
             self.S._pfa_compact = True  # lets the optimizer hook recognise compact state
             _watch_optimizers()
         else:
-            # stored so that B^T (the error-side mix, ē = B^T e) is the contiguous one: the
-            # population route then mixes without copying B, and B·R reads it transposed
-            self.register_buffer("B", B.transpose(1, 2).contiguous().transpose(1, 2).to(**to))
+            if self.store_feedback:
+                self.register_buffer("B", self._laid_out(B).to(**to))
+            else:
+                self.keep_redraw(weight, **draw_keys)
             self.R = nn.Parameter(R.to(**to))
+
+    @staticmethod
+    def _laid_out(B: Tensor) -> Tensor:
+        # stored so that B^T (the error-side mix, ē = B^T e) is the contiguous one: the
+        # population route then mixes without copying B, and B·R reads it transposed
+        return B.transpose(1, 2).contiguous().transpose(1, 2)
+
+    @property
+    def fixed_draws(self) -> tuple[str, ...]:
+        return () if self.compact else ("B",)
+
+    def redraw(self, name: str, device: torch.device | None = None) -> Tensor:
+        """``B`` as the stored buffer would be now (its dtype and layout), on ``device``
+        (default: where the stored buffer would be)."""
+        if name != "B" or self.compact or self.store_feedback:
+            return super().redraw(name)
+        g = self.groups
+        out_g = self.n_out // g
+        B = self._draw_B(g, out_g, self.nbar // g, generator_at(self._draw_keys["B"]))
+        if self.density < 1.0:
+            B = sparsify_feedback(B, self.density, generator_at(self._draw_keys["mask"]))
+        B = self._trail.apply(self._laid_out(B))  # .to() keeps the strides: the stored layout
+        return B.to(self._redraw_probe.device if device is None else device)
+
+    @property
+    def draws_from_seed(self) -> bool:
+        return bool(self.fixed_draws and not self.store_feedback)  # B redrawn from (seed, op name)
 
     def _check_conditioning(self, G: Tensor, nbar_g: int) -> None:
         """Refuse a sparse ``G`` that the compact state cannot invert reliably."""
@@ -273,27 +321,32 @@ class PFANode(SGDImplicit, FeedbackNode):
             return (self.D0, self.alpha)
         return (self.S,) if self.compact else (self.R,)
 
-    def _mixer(self) -> Tensor:
-        """The fixed channel mix of the feedback path: ``G`` (compact) or ``B``."""
-        return self.held("G") if self.compact else self.held("B")
+    def _mixer(self, device: torch.device | None = None) -> Tensor:
+        """The fixed channel mix of the feedback path: ``G`` (compact) or ``B`` (redrawn on
+        ``device`` under ``store_feedback=False``)."""
+        if self.compact:
+            return self.held("G")
+        return self.held("B") if self.store_feedback else self.redraw("B", device)
 
     def _state_tensor(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         """``S`` or ``R``; the implicit form's ``S = W + α·D0``."""
         return self.implicit_state(weight, *state) if self.implicit else state[0]
 
-    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...], mixer: Tensor | None = None) -> Tensor:
         T = self._state_tensor(weight, state)  # S or R
         if self.compact and self.orthonormal:
             return T  # G = B B^T = I: W_b = S, KP's cost (G is kept for inspection only)
-        M = self._mixer().to(T.dtype)
+        M = (self._mixer(weight.device) if mixer is None else mixer).to(T.dtype)
         return self._ungrouped(torch.bmm(M, self._grouped(T)), self.weight_shape)
 
-    def state_grads(self, grad_weight: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    def state_grads(
+        self, grad_weight: Tensor, state: tuple[Tensor, ...], mixer: Tensor | None = None
+    ) -> tuple[Tensor | None, ...]:
         if self.implicit:
             return (None, None)  # D0 and alpha: no gradient (α follows the optimizer's steps)
         if self.compact:
             return (grad_weight,)  # grad_S = grad_W: G·S then moves exactly as B·R would
-        B = self.held("B").to(grad_weight.dtype)
+        B = (self._mixer(grad_weight.device) if mixer is None else mixer).to(grad_weight.dtype)
         grad_R = torch.bmm(B.transpose(1, 2), self._grouped(grad_weight))
         return (self._ungrouped(grad_R, tuple(state[0].shape)),)
 
@@ -332,11 +385,17 @@ class PFANode(SGDImplicit, FeedbackNode):
             route = routes.get(key)
             if route is None:
                 route = routes[key] = self.choose_route(key[0], family.population_call_macs(e.device))
+        # under store_feedback=False: B redrawn once for this backward, dropped when it returns
+        mixer = None if self.compact or self.store_feedback else self.redraw("B", e.device)
         if route == "product":
-            return super().backward(family, e, x, weight, state, need)
+            if mixer is None:
+                return super().backward(family, e, x, weight, state, need)
+            weight_b = self.feedback_from(weight, state, mixer)  # FeedbackNode.backward, with B passed on
+            gx, gw, gb = family.fused(e, x, weight_b, need.x, need.w or need.state, need.b)
+            return gx, gw, gb, self.state_grads(gw, state, mixer) if need.state else (None,) * len(state)
         # the error population: ē = B^T e (or G^T e), per position and group. mix() applies
         # its argument transposed; G is symmetric, so its transpose view serves (no copy)
-        M = (self.held("G").mT if self.compact else self.held("B")).to(e.dtype)
+        M = (self.held("G").mT if self.compact else self.held("B") if mixer is None else mixer).to(e.dtype)
         ebar = family.mix(e, M)
         if self.implicit:
             gx = family.fused(ebar, x, self.implicit_state(weight, *state), need.x, False, False)[0] if need.x else None

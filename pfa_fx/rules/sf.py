@@ -4,6 +4,12 @@ Variants (``variant=``): ``"usf"`` one constant per layer (W's Xavier scale, or
 ``scale="weight"``: W's own root-mean-square, or a number), ``"frsf"``
 fixed random magnitudes, ``"brsf"`` magnitudes redrawn at every forward (batch) from a
 generator seeded by ``(seed, op name, step)``, so every process draws the same.
+
+``store_feedback=False`` (frsf; usf and brsf hold nothing W-sized anyway) holds no ``M``:
+every backward redraws it from the op's seeded generator, bit for bit the ``M`` of
+``store_feedback=True`` with the same seed (cast as the stored buffer would have been).
+Cost per op and backward: ``|W|`` Gaussian draws on the CPU (plus a copy to W's device),
+and one more W-sized tensor alive while the op's backward runs.
 """
 
 from typing import Any, ClassVar
@@ -12,14 +18,14 @@ import torch
 from torch import Tensor
 
 from ..errors import ConversionError, did_you_mean
-from ..node import FeedbackNode, feedback_std
+from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_key
 
 VARIANTS = ("usf", "frsf", "brsf")
 
 
 class SFNode(FeedbackNode):
     rule = "sf"
-    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": "xavier"}
+    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": "xavier", "store_feedback": True}
 
     def __init__(
         self,
@@ -30,8 +36,10 @@ class SFNode(FeedbackNode):
         transposed: bool = False,
         variant: str = "usf",
         scale: str | float = "xavier",
+        store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
+        self.store_feedback = check_store_feedback(store_feedback, self.rule)
         if variant not in VARIANTS:
             raise ConversionError(
                 f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}{did_you_mean(variant, VARIANTS)}"
@@ -39,15 +47,27 @@ class SFNode(FeedbackNode):
         self.variant = variant
         self.scale = scale
         self.std = feedback_std(weight, scale, self.rule)
-        if variant == "frsf":
+        if variant == "frsf" and self.store_feedback:
             self.register_buffer("M", self.draw(tuple(weight.shape), generator, weight, self.std).abs())
+        elif variant == "frsf":
+            self.keep_redraw(weight, M=generator_key(generator))  # the last draw: no need to skip past it
         elif variant == "brsf":
             self.step = 0  # batches drawn so far; saved through get_extra_state
             self._base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
 
     @property
     def draws_from_seed(self) -> bool:
-        return self.variant == "brsf"  # magnitudes redrawn per batch from (seed, op name, step)
+        # brSF: magnitudes redrawn per batch from (seed, op name, step); frSF unstored: M redrawn
+        return self.variant == "brsf" or bool(self.fixed_draws and not self.store_feedback)
+
+    @property
+    def fixed_draws(self) -> tuple[str, ...]:
+        return ("M",) if self.variant == "frsf" else ()
+
+    def redraw(self, name: str) -> Tensor:
+        if name != "M" or self.variant != "frsf" or self.store_feedback:
+            return super().redraw(name)
+        return self.redrawn_gaussian("M", self.std).abs_()
 
     def get_extra_state(self) -> dict:
         return {"step": getattr(self, "step", 0)}
@@ -69,7 +89,7 @@ class SFNode(FeedbackNode):
             # the magnitudes are drawn there, so nothing W-sized is saved between the passes
             step, self.step = self.step, self.step + 1
             return (torch.tensor(step),)
-        if self.variant == "frsf":
+        if self.variant == "frsf" and self.store_feedback:
             return (self.M,)
         return ()
 
@@ -78,6 +98,11 @@ class SFNode(FeedbackNode):
             return (torch.tensor(max(self.step - 1, 0)),)
         return self.state()
 
+    def backward(self, family, e, x, weight, state, need):
+        if self.store_feedback or self.variant != "frsf":
+            return super().backward(family, e, x, weight, state, need)
+        return self.backward_input_first(family, e, x, weight, state, need)  # M and grad_W never both alive
+
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         # in place on the fresh sign tensor: one W-sized pass, no second allocation
         sign = torch.sign(weight)
@@ -85,4 +110,7 @@ class SFNode(FeedbackNode):
             return sign.mul_(self.std)
         if self.variant == "brsf":
             return sign.mul_(self._batch_magnitudes(weight, int(state[0])))
-        return sign.mul_(state[0])
+        if self.store_feedback:
+            return sign.mul_(state[0])
+        # frSF unstored: M redrawn in sign's dtype (W's, as autocast would cast a stored M)
+        return sign.mul_(self.redrawn_gaussian("M", self.std, sign).abs_())

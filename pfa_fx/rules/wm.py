@@ -31,7 +31,8 @@ Defaults: ``sigma=1``, ``decay=σ²`` (fixed point ``W``), ``mirror_lr = 0.002/d
 The estimate's noise leaves ``W_b`` about ``sqrt(mirror_lr·decay·fan_in / (2·mirror_batch))``
 of ``|W|`` off its fixed point: 5° for ``fan_in = 256``, ~20° for a 3×3×512 convolution;
 raise ``mirror_batch`` (cost ``2·mirror_batch·|W|`` multiply-adds per step) or lower
-``mirror_lr`` (slower tracking) where that matters. ``W_b`` starts as FA's draw (``scale``).
+``mirror_lr`` (slower tracking) where that matters. ``W_b`` starts as FA's draw (``scale``);
+being learned, it is always stored (``store_feedback=False`` is refused).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class WMNode(FANode):
     """FA's draw of ``B``, made plastic by mirror steps."""
 
     rule = "wm"
+    learned_feedback = "wm's feedback B is learned (by a mirror step after every optimizer step)"
     options: ClassVar[dict[str, Any]] = {
         "scale": "xavier",
         "sigma": 1.0,
