@@ -48,4 +48,9 @@ run 100 --models resnet50 --size 224 --batch 256 --amp bf16 --channels-last --va
 timeout 120 "$py" benchmarks/feedback_storage.py --device cuda --part time --models resnet18 --size 224 \
     --batch 128 --rules fa pfa --warmup 2 --repeats 6 --out "$out" ||
     echo "feedback_storage.py stopped (exit $?; limit 120 s) after $((SECONDS - start)) s in all" | tee -a "$out"
+# FSDP2 on a converted model (capture="modules"), one rank under nccl: the CUDA path of the
+# example (per-block fully_shard, sharded feedback, DCP save) and its per-rank memory (~30 s)
+timeout 120 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 examples/fsdp_finetune.py --model llama \
+    --rule pfa --corpus pydoc --steps 5 --width 256 --save "$(mktemp -d)/ckpt" 2>&1 | tail -8 | tee -a "$out" ||
+    echo "fsdp_finetune.py stopped (exit $?; limit 120 s) after $((SECONDS - start)) s in all" | tee -a "$out"
 echo "gpu_check.sh: $((SECONDS - start)) s" | tee -a "$out"
