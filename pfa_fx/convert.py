@@ -97,9 +97,10 @@ def convert(
     Returns:
         A :class:`ConvertedModule` (a ``torch.fx.GraphModule``) with the same forward,
         the same parameter names, and feedback state under ``pfa_feedback.<op name>``;
-        or, through torch.export or the eager interception, a copy of the model of its
-        own class (``generate`` and the rest kept) whose forward runs the rewritten
-        graph, or intercepts its weight ops. Its ``state_dict``
+        or, through torch.export, the eager interception or ``capture="modules"``, a copy
+        of the model of its own class (``generate`` and the rest kept) whose forward runs
+        the rewritten graph, intercepts its weight ops, or runs each in its owner module
+        (feedback state then under ``<owner>.pfa_feedback``). Its ``state_dict``
         records each op's rule, options and seed, and ``load_state_dict`` refuses a
         checkpoint of another configuration with a :class:`ConversionError` naming both.
 

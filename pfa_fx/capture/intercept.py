@@ -153,7 +153,10 @@ def _functional_patched(routes: dict[int, FeedbackNode]) -> Iterator[None]:
             setattr(F, name, orig)
 
 
-class _RouteWeightOps(TorchFunctionMode):
+class RouteWeightOps(TorchFunctionMode):
+    """Routes each weight op on a parameter of ``routes`` (``{id(parameter): node}``) to its
+    node's feedback op, while active."""
+
     def __init__(self, routes: dict[int, FeedbackNode]):
         super().__init__()
         self.routes = routes
@@ -238,5 +241,5 @@ def call_with_feedback(
     if not torch.is_grad_enabled():
         return target(*args, **kwargs)
     table = {id(param): namespace.get_submodule(key) for param, key in routes}
-    with _RouteWeightOps(table):
+    with RouteWeightOps(table):
         return target(*args, **kwargs)

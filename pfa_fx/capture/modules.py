@@ -36,7 +36,7 @@ from .. import ops
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..node import FeedbackNode
-from ..registry import node_path
+from ..registry import NAMESPACE, node_path
 from ..weights import hidden_weights, route_paths
 from . import intercept
 from .eager import applied_weights
@@ -47,7 +47,7 @@ _ROUTES = "_pfa_owner_routes"
 
 def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` through the feedback op of its node."""
-    node = self._modules["pfa_feedback"]
+    node = self._modules[NAMESPACE]
     op = ops.feedback_linear if node.traceable_backward else ops.BETWEEN_GRAPHS[ops.feedback_linear]
     return op(input, self.weight, self.bias, node)
 
@@ -61,7 +61,7 @@ def _owner_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled() and not any(n.noisy for n in nodes):
         return forward(self, *args, **kwargs)
     table = {id(self.get_parameter(param)): node for (param, _), node in zip(routes, nodes)}
-    with intercept._RouteWeightOps(table):
+    with intercept.RouteWeightOps(table):
         return forward(self, *args, **kwargs)
 
 
@@ -157,7 +157,7 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
             for p, n in routed
             if (rp := _relative(p, owner_path)) is not None and (rn := _relative(n, owner_path)) is not None
         )
-        plain = _is_plain_linear(owner) and mine == (("weight", "pfa_feedback"),)
+        plain = _is_plain_linear(owner) and mine == (("weight", NAMESPACE),)
         owner.__dict__[_ROUTES] = mine
         owner.forward = types.MethodType(_linear_forward if plain else _owner_forward, owner)
     installer.record(root, {})
