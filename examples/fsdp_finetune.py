@@ -169,7 +169,9 @@ def shard(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> nn
 def held_numbers(model: nn.Module) -> dict[str, int]:
     """Numbers this rank holds (its shards) and the unsharded totals, weights vs feedback."""
     out = dict.fromkeys(("weights_local", "weights_total", "feedback_local", "feedback_total"), 0)
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    saved = set(model.state_dict())  # buffers that are state (not a redraw's layout probe)
+    buffers = [(n, b) for n, b in model.named_buffers() if n in saved]
+    for name, t in [*model.named_parameters(), *buffers]:
         kind = "feedback" if is_feedback_path(name) else "weights"
         local = t.to_local() if hasattr(t, "to_local") else t
         out[f"{kind}_local"] += local.numel()
