@@ -36,6 +36,9 @@ CASES = [
     ("pfa", "pfa", {"expansion": 2}),
     ("pfa-compact", "pfa", {"expansion": 2, "compact": True}),
     ("pfa-o", "pfa-o", {"expansion": 2}),
+    # SGD's implicit forms: W_b = W + α·D0 (D0 sharded, α a replicated scalar)
+    ("kp-implicit", "kp", {"implicit": True}),
+    ("pfa-compact-implicit", "pfa", {"expansion": 2, "compact": True, "implicit": True}),
     # fixed feedback redrawn in every backward, not held: nothing to shard for FA, R alone for PFA
     ("fa-redrawn", "fa", {"store_feedback": False}),
     ("pfa-redrawn", "pfa", {"expansion": 2, "store_feedback": False}),
