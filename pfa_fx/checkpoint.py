@@ -183,6 +183,16 @@ def _by_config(configs: Mapping[str, Mapping[str, Any] | None], ops: list[str]) 
     return [f"{desc} for {len(names)} op(s): {short_list(names, 4)}" for desc, names in groups.items()]
 
 
+def _incoming(state_dict: Mapping[str, Any], prefix: str) -> dict[str, set[str]]:
+    """``{op: its leaves}`` of the feedback entries under ``prefix``, in either node layout."""
+    incoming: dict[str, set[str]] = {}
+    for key in state_dict:
+        found = op_of_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if found is not None:
+            incoming.setdefault(found[0], set()).add(found[1])
+    return incoming
+
+
 def _check_checkpoint(
     module: nn.Module,
     state_dict: Mapping[str, Any],
@@ -200,11 +210,7 @@ def _check_checkpoint(
     pass on), only a checkpoint that would load feedback tensors into a differently
     configured op is refused; unconverted checkpoints (pretrained weights) are never checked."""
     strict = module.__dict__.get("_pfa_load_strict") is True
-    incoming: dict[str, set[str]] = {}
-    for key in state_dict:
-        found = op_of_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
-        if found is not None:
-            incoming.setdefault(found[0], set()).add(found[1])
+    incoming = _incoming(state_dict, prefix)
     saved = local_metadata.get(CHECKPOINT_KEY)
     if saved is None and not incoming:
         return
@@ -245,11 +251,7 @@ def _check_checkpoint(
     _reconcile_fixed_draws(state_dict, prefix, module, nodes, None)  # a stored B into a node that redraws it: checked
     if not strict:
         return
-    incoming = {}  # again: the reconciliation took redrawn tensors out
-    for key in state_dict:
-        found = op_of_state_key(key[len(prefix) :]) if key.startswith(prefix) else None
-        if found is not None:
-            incoming.setdefault(found[0], set()).add(found[1])
+    incoming = _incoming(state_dict, prefix)  # again: the reconciliation took redrawn tensors out
     differ = [op for op in dict.fromkeys([*incoming, *own]) if incoming.get(op, set()) != own.get(op, set())]
     if differ:
         lines = [
