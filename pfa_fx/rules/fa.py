@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..node import FeedbackNode, check_store_feedback, feedback_std, gaussian_pieces, generator_key
+from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_key
 
 
 class FANode(FeedbackNode):
@@ -39,10 +39,9 @@ class FANode(FeedbackNode):
             self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
             return
         self._std = std
+        # B is the generator's last draw: the subclasses that draw after it (kp, wm, pal) learn
+        # their B and refuse store_feedback=False, so nothing needs the generator moved past it
         self.keep_redraw(weight, weight.dim(), B=generator_key(generator))
-        # leave the generator where drawing B leaves it: a subclass's later draws stay the same
-        for _ in gaussian_pieces(generator, weight.numel(), std):
-            pass
 
     @property
     def fixed_draws(self) -> tuple[str, ...]:
