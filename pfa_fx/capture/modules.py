@@ -36,12 +36,14 @@ from .. import ops
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..node import FeedbackNode
-from ..registry import NAMESPACE, node_path
+from ..registry import NAMESPACE
 from ..weights import hidden_weights, route_paths
 from . import intercept
 from .eager import applied_weights
 
-#: the attribute of an owner module listing ``(parameter path, node path)`` it routes
+#: the attribute of an owner module listing ``(parameter path, node)`` it routes: the node
+#: objects themselves (modules are never replaced; copies of the model map them with the
+#: rest of the owner's ``__dict__``), the parameters by path (FSDP2 replaces those)
 _ROUTES = "_pfa_owner_routes"
 
 
@@ -56,11 +58,10 @@ def _owner_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The class's own forward, with the weight ops on this module's converted parameters
     (its own and its children's, e.g. ``nn.MultiheadAttention``'s ``out_proj``) intercepted."""
     forward = type(self).forward
-    routes: tuple[tuple[str, str], ...] = self.__dict__[_ROUTES]
-    nodes = [self.get_submodule(path) for _, path in routes]
-    if not torch.is_grad_enabled() and not any(n.noisy for n in nodes):
+    routes: tuple[tuple[str, FeedbackNode], ...] = self.__dict__[_ROUTES]
+    if not torch.is_grad_enabled() and not any(node.noisy for _, node in routes):
         return forward(self, *args, **kwargs)
-    table = {id(self.get_parameter(param)): node for (param, _), node in zip(routes, nodes)}
+    table = {id(self.get_parameter(param)): node for param, node in routes}
     with intercept.RouteWeightOps(table):
         return forward(self, *args, **kwargs)
 
@@ -134,7 +135,7 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
     (made with ``in_owners=True``). Example inputs (``kwargs``) let a probe forward find
     matrix parameters outside weight modules, as for the eager front end."""
     known = hidden_weights(root, "")
-    routed: list[tuple[str, str]] = []  # (parameter path, node path) over the whole model
+    routed: list[tuple[str, FeedbackNode]] = []  # (parameter path, node) over the whole model
     owners: set[str] = set()  # the modules holding the nodes
     for h in known + applied_weights(root, kwargs, known):
         node = installer.node_for_hidden(h, "modules")
@@ -146,18 +147,20 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
         if held is not None:
             node._weight_ref = OwnerParameter(owner, held)
         owners.add(node.owner_path)
-        routed += [(p, node_path(node.op_name, node.owner_path)) for p in route_paths(root, h)]
+        routed += [(p, node) for p in route_paths(root, h)]
     if kwargs is None:
         _warn_unprobed(root, {p for p, _ in routed})
     for owner_path in sorted(owners, key=len):
         owner = root.get_submodule(owner_path)
-        # the converted parameters of the owner's subtree, relative to it
+        # the converted parameters of the owner's subtree whose nodes are there too, relative to it
         mine = tuple(
-            (rp, rn)
-            for p, n in routed
-            if (rp := _relative(p, owner_path)) is not None and (rn := _relative(n, owner_path)) is not None
+            (rp, node)
+            for p, node in routed
+            if (rp := _relative(p, owner_path)) is not None
+            and (node.owner_path == owner_path or _relative(node.owner_path, owner_path) is not None)
         )
-        plain = _is_plain_linear(owner) and mine == (("weight", NAMESPACE),)
+        plain = _is_plain_linear(owner) and len(mine) == 1 and mine[0][0] == "weight"
+        plain = plain and mine[0][1] is owner._modules.get(NAMESPACE)
         owner.__dict__[_ROUTES] = mine
         owner.forward = types.MethodType(_linear_forward if plain else _owner_forward, owner)
     installer.record(root, {})
