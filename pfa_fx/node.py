@@ -11,8 +11,10 @@ forward and backward (DESIGN.md §2).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -180,6 +182,24 @@ def local_part(full: Tensor, like: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+@contextlib.contextmanager
+def units_gathered(model: nn.Module, keep_gathered: tuple[nn.Module, ...] = ()) -> Iterator[None]:
+    """Every FSDP2 unit of ``model`` (each module ``fully_shard`` made) holding its whole
+    parameters, for code that reads them outside the units' own forward and backward (PAL's
+    noisy pass, alignment metrics); resharded after, except ``keep_gathered`` (a unit whose
+    forward is running, which reshards by itself). A collective: every rank enters it.
+    Without FSDP2, nothing."""
+    units = [m for m in model.modules() if callable(getattr(m, "unshard", None)) and hasattr(m, "reshard")]
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in reversed(units):
+            if not any(m is k for k in keep_gathered):
+                m.reshard()
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -174,14 +174,10 @@ def full_weights(model: nn.Module, d: Dist) -> Iterator[None]:
     tensors) inside the block, and its shards again after: for code that reads parameters
     outside a forward (``pfa_fx.alignment``: ``node.weight``, ``node.feedback_weight()``).
     A collective: every rank enters it, even where only rank 0 reads. Without FSDP, nothing."""
-    units = [m for m in model.modules() if d.fsdp and callable(getattr(m, "unshard", None))]
-    for m in units:
-        m.unshard()
-    try:
+    from pfa_fx.node import units_gathered
+
+    with units_gathered(model) if d.fsdp else contextlib.nullcontext():
         yield
-    finally:
-        for m in reversed(units):
-            m.reshard()
 
 
 def gather(obj: Any, d: Dist) -> list[Any]:

@@ -40,14 +40,12 @@ being learned, it is always stored (``store_feedback=False`` is refused).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..node import FeedbackNode, local_part, local_tensor
+from ..node import FeedbackNode, local_part, local_tensor, units_gathered
 from ..registry import is_feedback_path, op_readers
 from .wm import RATE, WMNode, _positive
 
@@ -209,22 +207,6 @@ def _link_consumers(model: nn.Module, nodes: dict[str, PALNode]) -> None:
                 consumer._producers.append(producer)
 
 
-@contextlib.contextmanager
-def _whole_model_gathered(module: nn.Module) -> Iterator[None]:
-    """Under FSDP2, the noisy pass runs the model again from inside its own forward, where
-    the blocks' pre-forward hooks do not gather again: gather every block for it (one
-    block's state at a time would need the pass to run between FSDP's hooks)."""
-    sharded = [m for m in module.modules() if callable(getattr(m, "unshard", None)) and hasattr(m, "reshard")]
-    for m in sharded:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in sharded:
-            if m is not module:
-                m.reshard()
-
-
 class _NoisyPass:
     """Per converted model: its PAL ops, and the random state of the running forward."""
 
@@ -278,10 +260,12 @@ def _after_training_forward(module: nn.Module, args: Any, kwargs: Any, output: A
         _set_rng_state(noisy.rng)
         for node in noisy.nodes:
             node.noisy = True
-        with torch.no_grad(), _whole_model_gathered(module):
+        # under FSDP2 the pass runs inside the root's forward, where the blocks' pre-forward
+        # hooks do not gather again: every unit is gathered for it (the root, whose forward is
+        # running, stays so); and again after it, as the blocks' post-forward hooks freed theirs
+        with torch.no_grad(), units_gathered(module, keep_gathered=(module,)):
             module(*args, **kwargs)
-        # again: the blocks' own post-forward hooks freed their gathered weights during the pass
-        with torch.no_grad(), _whole_model_gathered(module):
+        with torch.no_grad(), units_gathered(module, keep_gathered=(module,)):
             for node in noisy.nodes:
                 node.finish_noisy_pass()
     finally:
