@@ -11,6 +11,7 @@ from .errors import ConversionError, ConversionTypeError, TraceError
 from .graph_module import ConvertedModule
 from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
 from .node import FeedbackNode
+from .optim import DecayBurst, param_groups
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
 from .registry import feedback_modules
 from .report import ConversionReport, report
@@ -25,6 +26,7 @@ __all__ = [
     "ConversionReport",
     "ConversionTypeError",
     "ConvertedModule",
+    "DecayBurst",
     "FeedbackNode",
     "TraceError",
     "alignment",
@@ -39,6 +41,7 @@ __all__ = [
     "mirror",
     "model_parameters",
     "op_names",
+    "param_groups",
     "report",
     "step_feedback",
 ]

@@ -145,13 +145,19 @@ class CastTrail:
 
 
 SCALES = ("xavier", "weight")
+#: the scale feedback is drawn at unless a conversion names one: W's own RMS keeps the
+#: backward's error magnitudes at backprop's on any initialisation (``"xavier"`` is the
+#: paper's recipe: with weights initialised at Xavier scale the two agree)
+DEFAULT_SCALE = "weight"
 
 
 def feedback_std(weight: Tensor, scale: str | float, rule: str) -> float:
-    """Standard deviation for drawn feedback state: ``"xavier"`` for W's shape (the
-    paper's recipe), ``"weight"`` for W's own root-mean-square at conversion (suits
-    pretrained weights and models initialised far below Xavier scale, e.g. timm ViTs),
-    or a positive number."""
+    """Standard deviation for drawn feedback state: ``"weight"`` (the default) for W's own
+    root-mean-square at conversion, so that ``|W_b| ≈ |W|`` and the errors the backward sends
+    down keep backprop's magnitudes whatever the initialisation (pretrained weights, HF's
+    std-0.02 init, timm ViTs; a W of all zeros falls back to Xavier's); ``"xavier"`` for W's
+    shape (the paper's recipe), far above the weights of most transformers, where the error
+    then grows at every LayerNorm; or a positive number."""
     if isinstance(scale, str):
         if scale == "xavier":
             return xavier_std(weight.shape)

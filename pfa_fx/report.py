@@ -151,7 +151,7 @@ def _costs(nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
             off.append(name)
     if off:
         lines.append(
-            f"note: scale='xavier' (the default) draws feedback at Xavier scale, but the weights of {len(off)} "
+            f"note: scale='xavier' draws feedback at Xavier scale, but the weights of {len(off)} "
             f"op(s) ({', '.join(map(repr, off[:3]))}{', …' if len(off) > 3 else ''}) are more than 2x from it "
             "(pretrained or small-init weights?): scale='weight' draws at each W's own RMS"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import ConversionError, did_you_mean
 from ..node import FeedbackNode, seeded_generator, xavier_std
+from .align import mirror
 from .bp import BPNode
 from .dfa import DFANode
 from .fa import FANode
@@ -11,7 +12,7 @@ from .kp import KPNode
 from .pal import PALNode
 from .pfa import PFANode, PFAONode
 from .sf import SFNode
-from .wm import WMNode, mirror, step_feedback
+from .wm import WMNode, step_feedback
 
 #: rule name -> node class, in the order of the paper's Table 1
 RULES: dict[str, type[FeedbackNode]] = {

@@ -1,5 +1,6 @@
-"""Feedback alignment (Lillicrap et al. 2016): ``W_b = B``, fixed random at W's init scale
-(``scale="xavier"``, the default) or W's own (``scale="weight"``).
+"""Feedback alignment (Lillicrap et al. 2016): ``W_b = B``, fixed random at W's own RMS
+(``scale="weight"``, the default: the backward's errors keep backprop's magnitudes) or at
+Xavier's std for W's shape (``scale="xavier"``, the paper's recipe).
 
 ``store_feedback=False`` holds no ``B``: every backward redraws it from the op's seeded
 generator (a CPU float64 Gaussian, cast as the stored buffer would have been: W's dtype at
@@ -13,12 +14,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_key
+from ..node import DEFAULT_SCALE, FeedbackNode, check_store_feedback, feedback_std, generator_key
 
 
 class FANode(FeedbackNode):
     rule = "fa"
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "store_feedback": True}
+    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "store_feedback": True}
 
     def __init__(
         self,
@@ -27,7 +28,7 @@ class FANode(FeedbackNode):
         groups: int,
         generator: torch.Generator,
         transposed: bool = False,
-        scale: str | float = "xavier",
+        scale: str | float = DEFAULT_SCALE,
         store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)

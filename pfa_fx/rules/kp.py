@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConversionTypeError
-from ..node import FeedbackNode
+from ..node import DEFAULT_SCALE, FeedbackNode
+from .align import relax
 from .fa import FANode
 from .sgd_implicit import SGDImplicit
 
@@ -64,7 +65,7 @@ class KPNode(SGDImplicit, FANode):
     implicit_of = "B"
     plastic = True
     learned_feedback = "kp's feedback B is learned (it receives W's gradient and is stepped like W)"
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "implicit": False}
+    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "implicit": False}
 
     def __init__(self, weight: Tensor, *, implicit: bool = False, **kwargs: Any):
         super().__init__(weight, **kwargs)
@@ -86,6 +87,14 @@ class KPNode(SGDImplicit, FANode):
         if len(state) == 1:
             return state[0]
         return self.implicit_state(weight, *state)  # W + α·D0
+
+    def mirror_update(self, estimate: Tensor, rate: float) -> None:
+        """:func:`pfa_fx.mirror`'s update: ``B`` toward ``Ŵ``, the op's noisy estimate of W
+        (the implicit form: ``α <- (1 - rate)·α``)."""
+        if self.implicit:
+            self.relax_implicit(rate)
+        else:
+            relax(self.B, estimate, rate)
 
     # -- bookkeeping -------------------------------------------------------------------
     @classmethod

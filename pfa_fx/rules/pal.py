@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..node import FeedbackNode, local_part, local_tensor, units_gathered
+from ..node import DEFAULT_SCALE, FeedbackNode, local_part, local_tensor, units_gathered
 from ..registry import is_feedback_path, op_readers
 from .wm import RATE, WMNode, _positive
 
@@ -53,7 +53,7 @@ from .wm import RATE, WMNode, _positive
 class PALNode(WMNode):
     rule = "pal"
     learned_feedback = "pal's feedback B is learned (from the noise riding on the network's own activity)"
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "sigma": 0.1, "feedback_lr": None, "decay": None}
+    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "sigma": 0.1, "feedback_lr": None, "decay": None}
     records_input = True
     mirrors_after_step = False
 
@@ -64,7 +64,7 @@ class PALNode(WMNode):
         groups: int,
         generator: torch.Generator,
         transposed: bool = False,
-        scale: str | float = "xavier",
+        scale: str | float = DEFAULT_SCALE,
         sigma: float = 0.1,
         feedback_lr: float | None = None,
         decay: float | None = None,
@@ -82,6 +82,10 @@ class PALNode(WMNode):
         self._counts: dict[tuple, Tensor] = {}
         self.__dict__["_consumers"] = []  # ops reading this op's output (set by attach)
         self.__dict__["_producers"] = []
+
+    @property
+    def mirror_rate(self) -> float:
+        return self.feedback_lr * self.decay
 
     # -- the op ------------------------------------------------------------------------
     def relax(self, kgrad: Tensor, count: Tensor | float) -> None:

@@ -86,28 +86,54 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import ConversionError, ConversionTypeError, did_you_mean
-from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_at, generator_key, xavier_std
+from ..node import (
+    DEFAULT_SCALE,
+    FeedbackNode,
+    check_store_feedback,
+    feedback_std,
+    generator_at,
+    generator_key,
+    xavier_std,
+)
+from .align import relax
 from .sgd_implicit import SGDImplicit
 
 ROUTES = ("auto", "product", "population")
 _SGD_EXACT = (torch.optim.SGD,)
 _checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_compact_nodes: weakref.WeakSet = weakref.WeakSet()  # explicit compact nodes alive (S a parameter)
 _hook_handle = None
 
 
-def _warn_if_not_sgd(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Optimizer step pre-hook: compact PFA state is exact only under SGD-family updates."""
+def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def _hyperparameters(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "pfa_group")}
+
+
+def _check_compact_groups(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step pre-hook, once per optimizer: under an adaptive optimizer compact
+    PFA's ``S`` follows W's own updates only when both are stepped with the same
+    hyperparameters (module docstring); warn where they are not."""
     if optimizer in _checked_optimizers:
         return
-    compact = any(getattr(p, "_pfa_compact", False) for g in optimizer.param_groups for p in g["params"])
     _checked_optimizers[optimizer] = True
-    if compact and not isinstance(optimizer, _SGD_EXACT):
+    if isinstance(optimizer, _SGD_EXACT):
+        return  # linear in the gradient: G·S equals B·R in any group
+    groups = _group_of(optimizer)
+    apart = []
+    for node in list(_compact_nodes):
+        gs, gw = groups.get(id(node.S)), groups.get(id(node._weight_ref[0]))
+        if gs is not None and (gw is None or _hyperparameters(gs) != _hyperparameters(gw)):
+            apart.append(node.op_name or "?")
+    if apart:
         warnings.warn(
-            f"{type(optimizer).__name__} is stepping compact PFA feedback state (compact=True). "
-            "The compact state G·S equals the explicit B·R only under SGD (with any momentum, "
-            "nesterov, dampening, L2 weight decay and lr schedule), because SGD is linear in the "
-            "gradient; adaptive optimizers rescale S's gradient elementwise, which leaves the range "
-            "of B^T. Use pfa_fx.convert(..., compact=False) (explicit R) with this optimizer.",
+            f"{type(optimizer).__name__} steps compact PFA state S of {len(apart)} op(s) ({', '.join(apart[:3])}"
+            f"{', ...' if len(apart) > 3 else ''}) with other hyperparameters than (or without) its weight W. "
+            "Under an adaptive optimizer compact PFA relies on S and W taking equal steps, so that S - W only "
+            "decays (G·S -> B·Bᵀ·W); put S in W's group, e.g. with pfa_fx.param_groups(model, weight_decay=...)",
             UserWarning,
             stacklevel=3,
         )
@@ -153,7 +179,7 @@ def sparsify_feedback(B: Tensor, density: float, generator: torch.Generator) -> 
 def _watch_optimizers() -> None:
     global _hook_handle
     if _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_warn_if_not_sgd)
+        _hook_handle = register_optimizer_step_pre_hook(_check_compact_groups)
 
 
 class PFANode(SGDImplicit, FeedbackNode):
@@ -164,7 +190,7 @@ class PFANode(SGDImplicit, FeedbackNode):
         "expansion": 10,
         "compact": False,
         "route": "auto",
-        "scale": "xavier",
+        "scale": DEFAULT_SCALE,
         "density": 1.0,
         "implicit": False,
         "store_feedback": True,
@@ -183,7 +209,7 @@ class PFANode(SGDImplicit, FeedbackNode):
         compact: bool = False,
         route: str = "auto",
         transposed: bool = False,
-        scale: str | float = "xavier",
+        scale: str | float = DEFAULT_SCALE,
         density: float = 1.0,
         implicit: bool = False,
         store_feedback: bool = True,
@@ -261,7 +287,7 @@ class PFANode(SGDImplicit, FeedbackNode):
             # solve() returns column-major results: a non-contiguous S would cost a W-sized
             # reorder in every backward call and in every gradient accumulation
             self.S = nn.Parameter(S.to(**to).contiguous())
-            self.S._pfa_compact = True  # lets the optimizer hook recognise compact state
+            _compact_nodes.add(self)
             _watch_optimizers()
         else:
             if self.store_feedback:
@@ -269,6 +295,12 @@ class PFANode(SGDImplicit, FeedbackNode):
             else:
                 self.keep_redraw(weight, **draw_keys)
             self.R = nn.Parameter(R.to(**to))
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle
+        super().__setstate__(state)
+        if self.__dict__.get("compact") and not self.__dict__.get("implicit"):
+            _compact_nodes.add(self)
+            _watch_optimizers()
 
     @staticmethod
     def _laid_out(B: Tensor) -> Tensor:
@@ -349,6 +381,19 @@ class PFANode(SGDImplicit, FeedbackNode):
         B = (self._mixer(grad_weight.device) if mixer is None else mixer).to(grad_weight.dtype)
         grad_R = torch.bmm(B.transpose(1, 2), self._grouped(grad_weight))
         return (self._ungrouped(grad_R, tuple(state[0].shape)),)
+
+    @torch.no_grad()
+    def mirror_update(self, estimate: Tensor, rate: float) -> None:
+        """:func:`pfa_fx.mirror`'s update, the rule's own local update with the op's noisy
+        estimate ``Ŵ`` of W in place of ``grad_W``: ``R`` toward ``Bᵀ·Ŵ`` (so ``B·R -> B·Bᵀ·W``),
+        compact ``S`` toward ``Ŵ`` (``G·S -> B·Bᵀ·W``); the implicit form: ``α <- (1 - rate)·α``."""
+        if self.implicit:
+            self.relax_implicit(rate)
+            return
+        name = "S" if self.compact else "R"
+        state = (self.held(name),)
+        (target,) = self.state_grads(estimate.to(state[0].dtype), state)
+        relax(getattr(self, name), target, rate)
 
     def choose_route(self, positions: int, call_macs: int = 0) -> str:
         """``"product"`` (build ``W_b`` once, no batch dimension) or ``"population"`` (mix the

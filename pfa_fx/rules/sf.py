@@ -18,14 +18,14 @@ import torch
 from torch import Tensor
 
 from ..errors import ConversionError, did_you_mean
-from ..node import FeedbackNode, check_store_feedback, feedback_std, generator_key
+from ..node import DEFAULT_SCALE, FeedbackNode, check_store_feedback, feedback_std, generator_key
 
 VARIANTS = ("usf", "frsf", "brsf")
 
 
 class SFNode(FeedbackNode):
     rule = "sf"
-    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": "xavier", "store_feedback": True}
+    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": DEFAULT_SCALE, "store_feedback": True}
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class SFNode(FeedbackNode):
         generator: torch.Generator,
         transposed: bool = False,
         variant: str = "usf",
-        scale: str | float = "xavier",
+        scale: str | float = DEFAULT_SCALE,
         store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)

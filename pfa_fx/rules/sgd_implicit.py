@@ -200,6 +200,13 @@ class SGDImplicit:
         self.__dict__["_ab"] = (alpha, beta)
         return alpha, beta
 
+    @torch.no_grad()
+    def relax_implicit(self, rate: float) -> None:
+        """``P <- (1 - rate)·P + rate·W`` in the implicit form: ``α <- (1 - rate)·α`` (the
+        expected value of :func:`pfa_fx.mirror`'s relaxation toward its noisy estimate of W)."""
+        self.alpha.mul_(1.0 - rate)
+        self.__dict__["_ab"] = None  # re-read from the buffer at the next step
+
     # -- bookkeeping -----------------------------------------------------------------------
     @staticmethod
     def rebase_on_computed_weights(nodes: Any) -> None:

@@ -45,8 +45,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConversionError, ConversionTypeError
-from ..node import gathered, local_part, local_tensor
+from ..node import DEFAULT_SCALE, gathered, local_part, local_tensor
 from ..registry import feedback_modules
+from .align import fan_in, noise_response, relax
 from .fa import FANode
 
 #: default relaxation per step, ``learning rate × decay``: a time constant of 500 steps
@@ -86,7 +87,7 @@ class WMNode(FANode):
     rule = "wm"
     learned_feedback = "wm's feedback B is learned (by a mirror step after every optimizer step)"
     options: ClassVar[dict[str, Any]] = {
-        "scale": "xavier",
+        "scale": DEFAULT_SCALE,
         "sigma": 1.0,
         "mirror_lr": None,
         "decay": None,
@@ -102,7 +103,7 @@ class WMNode(FANode):
         groups: int,
         generator: torch.Generator,
         transposed: bool = False,
-        scale: str | float = "xavier",
+        scale: str | float = DEFAULT_SCALE,
         sigma: float = 1.0,
         mirror_lr: float | None = None,
         decay: float | None = None,
@@ -152,33 +153,28 @@ class WMNode(FANode):
         step = local_part((kgrad / count).to(B.dtype), B)  # a sharded B (FSDP2) updates its own rows
         local_tensor(B).mul_(1.0 - self.mirror_lr * self.decay).add_(step, alpha=self.mirror_lr)
 
-    def _as_maps(self, weight: Tensor) -> Tensor:
-        """W as one matrix per group, ``(g, fan_in, fan_out)``, from a receptive field of
-        input to the outputs it reaches: ``(C_in/g·k, out/g)`` for a convolution (one output
-        position), ``(in/g, out/g·k)`` for a transposed one (one input pixel), ``(in, out)``
-        for a linear op."""
-        g = self.groups
-        if self.transposed:  # (in, out/g, *k): input channel i reaches out/g·k outputs
-            return weight.reshape(g, weight.shape[0] // g, -1)
-        return weight.reshape(g, weight.shape[0] // g, -1).transpose(1, 2)
-
     @torch.no_grad()
     def mirror_step(self) -> None:
         """One mirror step (module docstring); draws fresh noise."""
         weight = gathered(self.weight)  # sharded between steps under FSDP2: every rank takes the same step
-        maps = self._as_maps(weight)  # (g, fan_in, fan_out)
-        g, fan_in, _ = maps.shape
-        xi = self.noise((g, self.mirror_batch, fan_in), self.steps, weight)
+        xi = self.noise((self.groups, self.mirror_batch, fan_in(self, weight)), self.steps, weight)
         self.steps += 1
-        # y = L_W(ξ) on one receptive field per sample (no bias), KGrad = ξᵀ y: the op's own
-        # convolution and weight gradient at that input size, as batched matrix products
-        y = torch.bmm(xi, maps)
-        kgrad = torch.bmm(xi.transpose(1, 2), y)  # (g, fan_in, fan_out), W's layout as maps
-        if self.transposed:
-            kgrad = kgrad.reshape(weight.shape)
-        else:
-            kgrad = kgrad.transpose(1, 2).reshape(weight.shape)
-        self.relax(kgrad, self.mirror_batch)
+        self.relax(noise_response(self, weight, xi), self.mirror_batch)
+
+    @property
+    def mirror_rate(self) -> float:
+        """How far a mirror step moves ``W_b`` toward its fixed point: ``mirror_lr·decay``."""
+        return self.mirror_lr * self.decay
+
+    def mirror_noise(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Unit noise for :func:`pfa_fx.mirror` from this op's noise stream (a draw counted in
+        ``steps``, which ``state_dict`` saves)."""
+        self.steps += 1
+        return self.noise(shape, self.steps - 1, like) / self.sigma
+
+    def mirror_update(self, estimate: Tensor, rate: float) -> None:
+        """:func:`pfa_fx.mirror`'s update: ``B`` toward ``(σ²/λ)·Ŵ`` (``estimate`` ``Ŵ`` of W)."""
+        relax(self.B, estimate * (self.sigma**2 / self.decay), rate)
 
     def fixed_point(self) -> Tensor:
         """Where mirror steps take ``W_b`` for the current W: ``(σ²/λ)·W``."""
@@ -205,20 +201,4 @@ def step_feedback(model: nn.Module) -> int:
     nodes = [node for _, node in feedback_modules(model) if isinstance(node, WMNode)]
     for node in nodes:
         node.after_optimizer_step()
-    return len(nodes)
-
-
-def mirror(model: nn.Module, steps: int = 1) -> int:
-    """Run ``steps`` mirror steps on every weight-mirror op of ``model`` (no data, no grad,
-    nothing else of the model runs): the initial mirror pass before training, or the
-    mirror phase of a loop that updates weights without a ``torch.optim`` optimizer.
-    Returns the number of ops mirrored. PAL ops learn in their noisy pass instead and are
-    left alone.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    nodes = [node for _, node in feedback_modules(model) if isinstance(node, WMNode) and node.mirrors_after_step]
-    for _ in range(steps):
-        for node in nodes:
-            node.mirror_step()
     return len(nodes)
