@@ -48,12 +48,13 @@ drawn at each ``W``'s own scale (``scale="weight"``; Llama initialises at std 0.
 Xavier). WM runs the authors' initial mirror pass (``pfa_fx.mirror``), then mirrors after each
 optimizer step (pfa_fx's optimizer hook); PAL runs its noisy second pass per step.
 
-DFA for sequences. pfa_fx's DFA projects each *sample's* whole output error (context x
-vocabulary) onto each op's whole input (context x width): a dense ``(128·256) x (128·704)``
-matrix per op, redrawn in every backward (546 s for one backward at batch 8, measured here).
-Launay et al. project each token's error onto that token's units, one matrix for all positions;
-``--dfa token`` (default) does that with each DFA node's own seeded projection
-(``node.projection(V, d)``, Xavier), ``--dfa dense`` keeps pfa_fx's form (tiny contexts only).
+DFA for sequences. pfa_fx's dense DFA (``form="dense"``) projects each *sample's* whole
+output error (context x vocabulary) onto each op's whole input (context x width): a
+``(128·256) x (128·704)`` matrix per op, redrawn in every backward (546 s for one backward at
+batch 8, measured here). Launay et al. project each token's error onto that token's units, one
+matrix for all positions: pfa_fx's ``form="token"``, each op's own seeded ``(V, d)`` Xavier
+projection (``node.projection(V, d)``). ``--dfa token`` (default) converts with
+``form="token"``, ``--dfa dense`` with ``form="dense"`` (tiny contexts only).
 
 Recorded every ``--eval-every`` steps: held-out loss and bits per byte, mean training loss,
 per op the angle between ``W`` and ``W_b`` and ``|W_b|/|W|`` (``pfa_fx.alignment``; path
@@ -242,56 +243,17 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     """Options passed to ``pfa_fx.convert`` for ``rule`` (see the docstring's recipe)."""
-    options: dict[str, Any] = {} if rule in ("bp", "dfa") else {"scale": "weight"}
+    if rule == "dfa":  # --dfa token|dense (see the docstring); DFA's projections have no W to take a scale from
+        return {"form": args.dfa}
+    options: dict[str, Any] = {} if rule == "bp" else {"scale": "weight"}
     if rule in ("pfa", "pfa-o"):
         options |= {"expansion": args.expansion, "compact": False}  # compact is exact only under SGD
     return options
 
 
-class OutputError:
-    """``dloss/dlogits`` of the current backward, caught by a tensor hook on the logits."""
-
-    def __init__(self) -> None:
-        self.error: Tensor | None = None
-
-    def catch(self, logits: Tensor) -> None:
-        if logits.requires_grad:
-            logits.register_hook(self._store)
-
-    def _store(self, grad: Tensor) -> None:
-        self.error = grad
-
-
-def tokenwise_dfa(model: nn.Module, caught: OutputError) -> int:
-    """Make each DFA op send ``e_t @ P`` to token ``t``'s input units (Launay et al.'s form):
-    ``P = node.projection(vocab, width)``, the op's own seeded Xavier draw, shared by all positions.
-    Inputs whose leading shape is not the error's keep pfa_fx's dense projection. Returns the
-    number of ops changed."""
-    count = 0
-    for _, node in pfa_fx.feedback_modules(model):
-        if node.rule != "dfa":
-            continue
-        dense, cache = node.input_error, {}
-
-        def input_error(x: Tensor, node: Any = node, dense: Any = dense, cache: dict = cache) -> Tensor:
-            e = caught.error
-            if e is None or x.dim() < 2 or x.shape[:-1] != e.shape[:-1]:
-                return dense(x)
-            key = (e.shape[-1], x.shape[-1], x.dtype)
-            if key not in cache:
-                cache[key] = node.projection(e.shape[-1], x.shape[-1]).to(x.dtype)
-            return e.to(x.dtype) @ cache[key]
-
-        node.input_error = input_error
-        count += 1
-    return count
-
-
-def convert(model: nn.Module, rule: str, args: argparse.Namespace, caught: OutputError) -> nn.Module:
+def convert(model: nn.Module, rule: str, args: argparse.Namespace) -> nn.Module:
     """``pfa_fx.convert`` a copy of ``model`` to ``rule``; WM gets its initial mirror pass."""
     gm = pfa_fx.convert(copy.deepcopy(model), rule, seed=args.seed, **rule_options(rule, args))
-    if rule == "dfa" and args.dfa == "token":
-        tokenwise_dfa(gm, caught)
     if rule == "wm":
         pfa_fx.mirror(gm, steps=args.mirror_steps)
     return gm
@@ -340,11 +302,9 @@ def load_data(args: argparse.Namespace) -> Data:
     )
 
 
-def lm_loss(gm: nn.Module, seqs: Tensor, caught: OutputError | None = None) -> Tensor:
+def lm_loss(gm: nn.Module, seqs: Tensor) -> Tensor:
     """Mean next-byte cross-entropy (nats) over ``seqs`` (batch, context + 1)."""
     logits = gm(input_ids=seqs[:, :-1]).logits
-    if caught is not None:
-        caught.catch(logits)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
 
 
@@ -377,7 +337,7 @@ def make_optimizer(gm: nn.Module, rule: str, args: argparse.Namespace) -> torch.
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
 
-def measure(gm: nn.Module, rule: str, step: int, data: Data, caught: OutputError) -> list[Row]:
+def measure(gm: nn.Module, rule: str, step: int, data: Data) -> list[Row]:
     """Held-out loss, feedback alignment and gradient alignment to BP at ``step``."""
     loss = evaluate(gm, data.evals)
     rows: list[Row] = [(rule, step, "eval_loss", "", loss), (rule, step, "eval_bpb", "", loss / math.log(2))]
@@ -386,16 +346,16 @@ def measure(gm: nn.Module, rule: str, step: int, data: Data, caught: OutputError
 
     def closure() -> Tensor:
         gm.eval()  # the same function in both passes, and no PAL noisy pass
-        return lm_loss(gm, data.probe, caught)
+        return lm_loss(gm, data.probe)
 
     rows += [(rule, step, "grad_angle_deg", n, a) for n, a in pfa_fx.gradient_alignment(gm, closure).items()]
     return rows
 
 
-def train_step(gm: nn.Module, opt: torch.optim.Optimizer, seqs: Tensor, caught: OutputError) -> float:
+def train_step(gm: nn.Module, opt: torch.optim.Optimizer, seqs: Tensor) -> float:
     """One optimizer step on ``seqs``; its loss."""
     gm.train()
-    loss = lm_loss(gm, seqs, caught)
+    loss = lm_loss(gm, seqs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -411,24 +371,23 @@ def sample(data: Data, args: argparse.Namespace, gen: torch.Generator) -> Tensor
 def train_rule(
     model: nn.Module, rule: str, data: Data, args: argparse.Namespace, bar: tqdm
 ) -> tuple[list[Row], dict, tuple]:
-    """Convert a copy of ``model`` to ``rule``, train it; its curves, timings and (model, optimizer, error hook)."""
-    caught = OutputError()
+    """Convert a copy of ``model`` to ``rule``, train it; its curves, timings and (model, optimizer)."""
     start = time.perf_counter()
-    gm = convert(model, rule, args, caught)
+    gm = convert(model, rule, args)
     coverage = check_coverage(gm)
     setup_s = time.perf_counter() - start
     opt = make_optimizer(gm, rule, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
     batches = torch.Generator().manual_seed(args.seed)  # the same batch order for every rule
-    rows, step_s, losses = measure(gm, rule, 0, data, caught), [], []
+    rows, step_s, losses = measure(gm, rule, 0, data), [], []
     for step in range(1, args.steps + 1):
         seqs = sample(data, args, batches)
         t0 = time.perf_counter()
-        losses.append(train_step(gm, opt, seqs, caught))
+        losses.append(train_step(gm, opt, seqs))
         sched.step()
         step_s.append(time.perf_counter() - t0)
         if step % args.eval_every == 0 or step == args.steps:
-            new = [(rule, step, "train_loss", "", sum(losses) / len(losses)), *measure(gm, rule, step, data, caught)]
+            new = [(rule, step, "train_loss", "", sum(losses) / len(losses)), *measure(gm, rule, step, data)]
             rows += new
             losses = []
             bar.set_postfix(rule=rule, bpb=f"{next(r[4] for r in new if r[2] == 'eval_bpb'):.3f}", refresh=False)
@@ -439,7 +398,7 @@ def train_rule(
     stats |= {"train_tokens_per_s": args.batch_size * args.context / median, "final_bpb": final}
     if not math.isfinite(final):
         tqdm.write(f"warning: {rule} diverged (held-out loss {final}); try a smaller --lr")
-    return rows, stats, (gm, opt, caught)
+    return rows, stats, (gm, opt)
 
 
 def interleaved_timing(trained: dict[str, tuple], data: Data, args: argparse.Namespace) -> dict[str, float]:
@@ -447,11 +406,11 @@ def interleaved_timing(trained: dict[str, tuple], data: Data, args: argparse.Nam
     steps per rule, after training and its measurements), so that every rule sees the same load."""
     gen, times = torch.Generator().manual_seed(args.seed + 1), {rule: [] for rule in trained}
     for _ in range(args.timing_rounds):
-        for rule, (gm, opt, caught) in trained.items():
+        for rule, (gm, opt) in trained.items():
             for _ in range(3):
                 seqs = sample(data, args, gen)
                 t0 = time.perf_counter()
-                train_step(gm, opt, seqs, caught)
+                train_step(gm, opt, seqs)
                 times[rule].append(time.perf_counter() - t0)
     return {rule: args.batch_size * args.context / statistics.median(t) for rule, t in times.items()}
 

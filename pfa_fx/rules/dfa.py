@@ -11,9 +11,37 @@ The output error is captured by a forward hook on the converted model (:meth:`DF
 it wraps the model's *main output* in an identity whose backward runs before any op's
 (it is the last node of the graph) and hands ``e`` to every DFA op of the model. The main
 output is the output itself, the first tensor of a tuple/list (torchvision's
-GoogLeNet/Inception aux-logit tuples), or, for a dict, the ``"logits"`` / ``"out"`` entry
-or else the first tensor; ``pfa_fx.report`` says which was used. Losses must come from
-that output (an auxiliary loss alone gives the ops no output error and raises).
+GoogLeNet/Inception aux-logit tuples) that is not a scalar, or, for a dict, the ``"logits"``
+/ ``"out"`` entry or else the first such tensor; ``pfa_fx.report`` says which was used.
+Losses must come from that output (an auxiliary loss alone gives the ops no output error
+and raises). A loss the model computes itself from it — Hugging Face's ``labels=``, whose
+output holds ``loss`` next to ``logits`` (a dict's ``"loss"`` entry, or a scalar in a tuple
+next to the main output) — cannot run through a wrapper added after the forward: the error
+is then caught by a hook on the main output tensor itself, which receives the whole
+gradient reaching it (the model's loss and any loss computed from the returned logits)
+before the op that made it runs its backward.
+
+Sequences: ``form`` chooses what each op's projection maps. ``"dense"``: the sample's
+whole output error onto the op's whole input, as above — for a language model's ``(batch,
+T, V)`` output and an op input ``(batch, T, d)``, a ``(T·V) x (T·d)`` projection per op.
+``"token"`` (Launay et al., NeurIPS 2020): each position's error onto that position's units,
+``grad_x[b, t] = e[b, t] @ P_k`` with one ``(V, d)`` projection per op shared by all positions
+(``P_k = node.projection(V, d)``, Launay et al.'s ``B_k = P_kᵀ``; the matrix the dense form
+draws for ``T = 1``, so both forms agree on one-token sequences). It applies to linear ops (``F.linear``, ``x @ P``:
+features on the last axis) whose input is ``(batch, T, ...)``, or sequence-first ``(T,
+batch, ...)`` as inside ``nn.MultiheadAttention``, for an output ``(batch, T, ...)`` of rank
+3 or more (trailing axes are flattened: ``V`` and ``d`` are their products); ``"token"``
+raises for any other op. ``"auto"`` (default) takes the token form where it applies and the
+dense form elsewhere, so classifiers (rank-2 outputs) and convolutions keep the dense form;
+so does an input flattened to ``(T·batch, d)`` (``nn.MultiheadAttention``'s ``out_proj``),
+whose order of positions and samples cannot be told from its shape, and whose dense
+projection grows with ``T²``: for long sequences map such ops to another rule.
+Each op's choice is made in the backward from the shapes it sees (:attr:`DFANode.last_form`
+records it; ``pfa_fx.report`` counts them). One projection per op, not TinyDFA's single
+matrix sliced for all ops: the ops' feedback stays independent, as in the dense form, and
+projections above ``CACHE_LIMIT`` entries are redrawn rather than stored, so sharing one
+would save memory only for small models (the 4-layer byte-level Llama of
+``examples/lm_rules.py`` caches 2.4 M numbers, 9 MiB).
 
 Convolutions: the *dense per-position* projection (Nøkland's convention): every unit of
 the op's input — each channel at each position — gets its own random combination of the
@@ -51,14 +79,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConversionError
+from ..errors import ConversionError, did_you_mean
 from ..node import FeedbackNode, check_store_feedback, derived_seed
+from ..ops import LinearFamily
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
 CACHE_LIMIT = 1 << 22
 #: columns per seeded draw: part of the projection's definition (its values do not depend
 #: on whether it is cached), and the memory bound of a redrawn one (d_out x BLOCK)
 BLOCK = 4096
+#: the values of the ``form`` option (module docstring)
+FORMS = ("auto", "token", "dense")
 
 
 class OutputError:
@@ -67,6 +98,10 @@ class OutputError:
     def __init__(self) -> None:
         self.error: Tensor | None = None
         self.where: str | None = None  # which output carried it, e.g. "output[0]"
+
+    def record(self, g: Tensor) -> None:
+        """Tensor hook on the main output (a loss computed inside the model): keep ``g``."""
+        self.error = g
 
 
 class _CaptureError(torch.autograd.Function):
@@ -87,12 +122,13 @@ class _CaptureError(torch.autograd.Function):
 
 def _main_output(out: Any) -> tuple[Any, Tensor] | None:
     """``(key, tensor)`` of the main output: ``None`` key for a bare tensor, an index for a
-    tuple/list, a key for a dict."""
+    tuple/list, a key for a dict. A scalar in a tuple or dict is passed over: it is a loss
+    (Hugging Face's ``return_dict=False`` puts it first), not a per-sample output."""
     if isinstance(out, Tensor):
         return None, out
     if isinstance(out, (tuple, list)):
         for i, v in enumerate(out):
-            if isinstance(v, Tensor):
+            if isinstance(v, Tensor) and v.dim() > 0:
                 return i, v
         return None
     if isinstance(out, dict):
@@ -100,9 +136,21 @@ def _main_output(out: Any) -> tuple[Any, Tensor] | None:
             if isinstance(out.get(k), Tensor):
                 return k, out[k]
         for k, v in out.items():
-            if isinstance(v, Tensor):
+            if isinstance(v, Tensor) and v.dim() > 0:
                 return k, v
     return None
+
+
+def _inner_loss(out: Any, key: Any) -> bool:
+    """Whether the output also holds a loss the model computed (from the main output, as
+    Hugging Face models given ``labels=`` do): a dict's ``"loss"`` entry, or a scalar next
+    to the main output in a tuple/list, that requires grad."""
+    if isinstance(out, dict):
+        loss = out.get("loss")
+        return key != "loss" and isinstance(loss, Tensor) and loss.requires_grad
+    if isinstance(out, (tuple, list)):
+        return any(isinstance(v, Tensor) and v.dim() == 0 and v.requires_grad for v in out)
+    return False
 
 
 def _replaced(out: Any, key: Any, value: Tensor) -> Any:
@@ -133,13 +181,25 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
     hub.where = "output" if key is None else f"output[{key!r}]"
     if not (torch.is_grad_enabled() and y.requires_grad):
         return None
+    if _inner_loss(output, key):
+        # the model's own loss was computed from y itself, out of a wrapper's reach: a hook on
+        # y gets everything reaching y (that loss and any computed from the returned y) before
+        # the op that made y runs its backward
+        hub.where += " (the model's own loss reaches it)"
+        y.register_hook(hub.record)
+        return None
     return _replaced(output, key, _CaptureError.apply(y, hub))
 
 
 class DFANode(FeedbackNode):
+    """DFA's state for one op: a seed from which its projections are drawn (module
+    docstring). Options: ``scale`` (``"xavier"`` or a positive std), ``form`` (``"auto"``,
+    ``"token"`` or ``"dense"``: what the projection maps, per token or per sample) and
+    ``store_feedback``."""
+
     rule = "dfa"
     traceable_backward = False  # the output error exists only during the backward
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "store_feedback": True}
+    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "form": "auto", "store_feedback": True}
     has_feedback_weight = False
 
     def __init__(
@@ -150,10 +210,20 @@ class DFANode(FeedbackNode):
         generator: torch.Generator,
         transposed: bool = False,
         scale: str | float = "xavier",
+        form: str = "auto",
         store_feedback: bool = True,
     ):
         super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
         self.store_feedback = check_store_feedback(store_feedback, self.rule)
+        if form not in FORMS:
+            raise ConversionError(
+                f"dfa: unknown form {form!r}; valid forms: {', '.join(FORMS)} (token: each position's output "
+                "error projected onto that position's units, Launay et al. 2020; dense: each sample's whole "
+                f"output error onto the op's whole input; auto: token where it applies){did_you_mean(form, FORMS)}"
+            )
+        self.form = form
+        #: the form this op's last backward used ("token" or "dense"; None before its first)
+        self.last_form: str | None = None
         if isinstance(scale, str):
             if scale != "xavier":
                 raise ConversionError(
@@ -171,6 +241,12 @@ class DFANode(FeedbackNode):
     @property
     def draws_from_seed(self) -> bool:
         return True  # the projections are drawn in the backward from a seed, never saved
+
+    @property
+    def config(self) -> dict[str, Any]:
+        # form appears only where it is not "auto": a default conversion keeps the config,
+        # repr, report and checkpoint record it had before the option existed
+        return {k: v for k, v in super().config.items() if not (k == "form" and v == "auto")}
 
     def state_numel(self) -> int:
         # the cached projections are held too (none under store_feedback=False)
@@ -216,16 +292,68 @@ class DFANode(FeedbackNode):
             out[:, start:stop] = e.mm(p.to(e.dtype))
         return out
 
-    def input_error(self, x: Tensor) -> Tensor:
-        """``P(e)`` in ``x``'s shape, from the output error captured this step."""
+    def token_layout(
+        self, x_shape: tuple[int, ...], error_shape: tuple[int, ...], feature_last: bool = True
+    ) -> str | None:
+        """Where the output error's token axis lies in an op input of shape ``x_shape``:
+        ``"batch-first"`` for ``(batch, T, ...)``, ``"sequence-first"`` for ``(T, batch,
+        ...)``, or None where the token form does not apply (an output or input of rank
+        under 3, no matching axes, or an op whose features are not on the last axis: a
+        convolution, ``feature_last=False``). ``error_shape`` is the output's ``(batch, T, ...)``."""
+        if not feature_last or len(error_shape) < 3 or len(x_shape) < 3:
+            return None
+        n, t = error_shape[0], error_shape[1]
+        if x_shape[0] == n and x_shape[1] == t:
+            return "batch-first"
+        if x_shape[0] == t and x_shape[1] == n:
+            return "sequence-first"
+        return None
+
+    def token_error(self, err: Tensor, x: Tensor, layout: str) -> Tensor:
+        """The token form: ``e[b, t] @ P`` for every position, ``P = projection(V, d)``, in
+        ``x``'s shape (``V``, ``d``: the numbers per position of the error and of ``x``)."""
+        n, t = err.shape[0], err.shape[1]
+        e = err.reshape(n * t, -1).to(x.dtype)
+        g = self.project(e, x.numel() // (n * t))
+        if layout == "batch-first":
+            return g.reshape(x.shape)
+        return g.reshape(n, t, *x.shape[2:]).transpose(0, 1).contiguous()
+
+    def input_error(self, x: Tensor, feature_last: bool = True) -> Tensor:
+        """``P(e)`` in ``x``'s shape, from the output error captured this step, in the form
+        the ``form`` option picks for this input (``feature_last``: the op is linear, its
+        input's features on the last axis)."""
         err = None if self._output is None else self._output.error
         name = getattr(self, "op_name", "?")
         if err is None:
             raise RuntimeError(
                 f"dfa: op '{name}' needs the model's output error, but none was captured in this "
                 "backward: compute the loss from the converted model's main output (the output itself, "
-                "the first tensor of a tuple, or a dict's 'logits'/'out')"
+                "the first tensor of a tuple, or a dict's 'logits'/'out'), or have the model compute it "
+                "and return it next to that output (a dict's 'loss', as Hugging Face's labels= does)"
             )
+        if err.dim() == 0:
+            raise RuntimeError(
+                f"dfa: op '{name}' needs the error at the model's per-sample output, but the model's main "
+                f"output ({getattr(self._output, 'where', None) or 'output'}) is a scalar, a loss: return the "
+                "output the loss is computed from too (e.g. a dict with 'loss' and 'logits'), or compute the "
+                "loss outside the model from its output"
+            )
+        if self.form != "dense":
+            layout = self.token_layout(tuple(x.shape), tuple(err.shape), feature_last)
+            if layout is not None:
+                self.last_form = "token"
+                return self.token_error(err, x, layout)
+            if self.form == "token":
+                kind = "linear" if feature_last else "convolution"
+                raise RuntimeError(
+                    f"dfa: op '{name}' ({kind}, input of shape {tuple(x.shape)}) has no token axis matching the "
+                    f"output error's {tuple(err.shape)} (batch, T, ...): form='token' needs a linear op whose input "
+                    "is (batch, T, ...) or (T, batch, ...); use form='auto' (the dense form for such ops) or give "
+                    "this op form='dense' with a rule mapping, e.g. {'" + name + "': ('dfa', {'form': 'dense'}), "
+                    "'*': ('dfa', {'form': 'token'})}"
+                )
+        self.last_form = "dense"
         n = err.shape[0]
         e = err.reshape(n, -1).to(x.dtype)
         d_in = x.numel() // n
@@ -245,7 +373,7 @@ class DFANode(FeedbackNode):
     def backward(self, family, e, x, weight, state, need):
         # BP's weight and bias gradients for the error that reached the op; no kernel read
         _, gw, gb = family.fused(e, x, weight, False, need.w, need.b)
-        gx = self.input_error(x) if need.x else None
+        gx = self.input_error(x, family is LinearFamily) if need.x else None
         return gx, gw, gb, ()
 
     def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
@@ -273,4 +401,11 @@ class DFANode(FeedbackNode):
     def report_notes(cls, model: nn.Module, nodes: list[tuple[str, FeedbackNode]]) -> list[str]:
         hub = model.__dict__.get("pfa_dfa_output")
         where = getattr(hub, "where", None) or "the main output (known after the first forward)"
-        return [f"dfa: {len(nodes)} ops take a fixed random projection of the output error captured at {where}"]
+        lines = [f"dfa: {len(nodes)} ops take a fixed random projection of the output error captured at {where}"]
+        used = [node.last_form for _, node in nodes]
+        if "token" in used:  # models without a token axis keep the report they always had
+            lines.append(
+                f"dfa: in the last backward, {used.count('token')} ops took the per-token projection, "
+                f"{used.count('dense')} the dense one"
+            )
+        return lines
