@@ -127,7 +127,7 @@ class Run:
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"expansion": args.expansion, "compact": True} if rule in ("pfa", "pfa-o") else {}
-    if rule != "bp" and args.scale != "xavier" and not (rule == "dfa" and args.scale == "weight"):
+    if rule != "bp" and not (rule == "dfa" and args.scale == "weight"):  # always named: the library default may change
         opts["scale"] = args.scale
     return opts
 

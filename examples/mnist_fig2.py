@@ -198,9 +198,11 @@ def layer_index(mlp: nn.Sequential) -> dict[str, int]:
 
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The paper's recipe: feedback drawn at Xavier's std (pfa_fx draws at W's own by default)."""
+    paper = {} if rule == "bp" else {"scale": "xavier"}
     if rule in ("pfa", "pfa-o"):
-        return {"expansion": args.expansion, "compact": not args.explicit_r}
-    return {}
+        return paper | {"expansion": args.expansion, "compact": not args.explicit_r}
+    return paper
 
 
 # ----------------------------------------------------------------------------- training

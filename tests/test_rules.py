@@ -51,7 +51,7 @@ def test_every_weight_op_of_the_mixed_model_is_converted():
 
 
 def test_fa_feedback_is_fixed_random_at_init_scale_and_gets_no_gradient():
-    gm = pfa_fx.convert(MLP((200, 300, 10)).double(), "fa")
+    gm = pfa_fx.convert(MLP((200, 300, 10)).double(), "fa", scale="xavier")
     node = _nodes(gm)["0"]
     assert torch.equal(node.feedback_weight(), node.B)
     assert list(node.parameters()) == []
@@ -73,8 +73,9 @@ def test_sf_feedback_has_the_weights_signs(variant):
         Wb = node.feedback_weight()
         assert torch.equal(torch.sign(Wb), torch.sign(node.weight))
         mags = Wb.abs()
-        if variant == "usf":
-            assert torch.allclose(mags, torch.full_like(mags, xavier_std(node.weight_shape)))
+        if variant == "usf":  # at W's own RMS (the default scale)
+            rms = node.weight.square().mean().sqrt().item()
+            assert torch.allclose(mags, torch.full_like(mags, rms))
         else:
             assert mags.std() > 0
 
@@ -174,9 +175,10 @@ def test_pfa_state_is_laid_out_for_a_copy_free_backward():
 
 
 def test_feedback_state_is_reproducible_from_seed_and_op_name():
-    a = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=7))
-    b = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=7))
-    c = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=8))
+    # scale="xavier": the draw alone (the default scales it by each W's RMS, which differs here)
+    a = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=7, scale="xavier"))
+    b = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=7, scale="xavier"))
+    c = _nodes(pfa_fx.convert(Mixed(), "pfa", seed=8, scale="xavier"))
     for key in a:
         assert torch.equal(a[key].B, b[key].B) and torch.equal(a[key].R, b[key].R)
         assert not torch.equal(a[key].R, c[key].R)
@@ -185,10 +187,15 @@ def test_feedback_state_is_reproducible_from_seed_and_op_name():
 
 def test_feedback_draws_do_not_depend_on_the_global_rng():
     torch.manual_seed(1)
-    a = _nodes(pfa_fx.convert(copy.deepcopy(MLP()), "fa"))
+    a = _nodes(pfa_fx.convert(copy.deepcopy(MLP()), "fa", scale="xavier"))
     torch.manual_seed(2)
-    b = _nodes(pfa_fx.convert(copy.deepcopy(MLP()), "fa"))
+    b = _nodes(pfa_fx.convert(copy.deepcopy(MLP()), "fa", scale="xavier"))
     assert all(torch.equal(a[k].B, b[k].B) for k in a)
+    # the default draws the same Gaussian values, at each W's own RMS
+    c = _nodes(pfa_fx.convert(copy.deepcopy(MLP()), "fa"))
+    for k in a:
+        rms, std = c[k].weight.double().square().mean().sqrt(), xavier_std(c[k].weight_shape)
+        torch.testing.assert_close(c[k].B / rms, a[k].B / std, rtol=1e-5, atol=1e-6, check_dtype=False)
 
 
 @pytest.mark.parametrize("expansion", [0, -1, 0.0])
@@ -211,13 +218,13 @@ def test_feedback_scale_follows_the_weights_when_asked(rule):
     with torch.no_grad():
         model[0].weight.mul_(0.01)
     rms = model[0].weight.square().mean().sqrt().item()
-    xavier = _nodes(pfa_fx.convert(model, rule))["0"].feedback_weight()
-    scaled = _nodes(pfa_fx.convert(model, rule, scale="weight"))["0"].feedback_weight()
+    xavier = _nodes(pfa_fx.convert(model, rule, scale="xavier"))["0"].feedback_weight()
+    scaled = _nodes(pfa_fx.convert(model, rule))["0"].feedback_weight()  # the default: W's own RMS
     fixed = _nodes(pfa_fx.convert(model, rule, scale=0.05))["0"].feedback_weight()
     rel = 0.1 if rule == "pfa" else 0.03  # B·R: B B^T is near, not at, the identity
     assert scaled.square().mean().sqrt().item() == pytest.approx(rms, rel=rel)
     assert fixed.square().mean().sqrt().item() == pytest.approx(0.05, rel=rel)
-    # the default is the paper's recipe: Xavier for the state's own shape (PFA: R, n̄ x n_in)
+    # the paper's recipe: Xavier for the state's own shape (PFA: R, n̄ x n_in)
     default = xavier_std((3000, 200)) if rule == "pfa" else xavier_std((300, 200))
     assert xavier.square().mean().sqrt().item() == pytest.approx(default, rel=rel)
 

@@ -55,8 +55,10 @@ def rule_lr(rule: str, args: argparse.Namespace) -> float:
 
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The paper's recipe: feedback drawn at Xavier's std (pfa_fx draws at W's own by default)."""
+    paper = {} if rule == "bp" else {"scale": "xavier"}
     if rule in ("pfa", "pfa-o"):
-        return {"expansion": args.expansion, "compact": not args.explicit_r}
+        return paper | {"expansion": args.expansion, "compact": not args.explicit_r}
     if rule == "sf":
-        return {"variant": args.sf_variant}
-    return {}
+        return paper | {"variant": args.sf_variant}
+    return paper
