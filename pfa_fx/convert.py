@@ -10,6 +10,7 @@ parameter names are unchanged, so checkpoints keep loading.
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 import warnings
 from collections.abc import Mapping
@@ -121,6 +122,7 @@ def convert(
         raise ConversionTypeError(f"seed must be an int, got {seed!r}")
     _check_capture(capture)
     converted, root, installer = _build(model, rule, rule_options, seed, fallback, capture, example_inputs)
+    _present_class_signature(converted, model)
     problems = mapping_problems(rule, installer.owners)
     if strict and problems:
         raise ConversionError(
@@ -277,6 +279,37 @@ def _from_export(
     set_op_readers(root, weight_op_readers(root, captured.graphs[True]))
     finish(root)
     return root, installer
+
+
+def _present_class_signature(converted: nn.Module, model: nn.Module) -> None:
+    """A forward the conversion set on the instance (torch.export's dispatcher, the eager
+    interception, a root that owns a weight under ``capture="modules"``) takes
+    ``(*args, **kwargs)`` and hands them to the class's forward or to a graph captured from
+    it; callers that read ``inspect.signature(model.forward)`` (Hugging Face ``Trainer``
+    drops every dataset column it does not name) must see the class forward's parameters.
+    The forward is wrapped in a function of this model alone that presents them; calls go
+    through unchanged. No ``__wrapped__``: accelerate's mixed-precision unwrapping follows
+    that chain and would end on the class's unconverted forward."""
+    forward = converted.__dict__.get("forward")
+    if not isinstance(forward, types.MethodType) or forward.__self__ is not converted:
+        return
+    own = model.__dict__.get("forward")  # a forward the user set on the instance, copied as is
+    if getattr(own, "__func__", own) is forward.__func__:
+        return
+    try:
+        signature = inspect.signature(type(model).forward)
+    except (TypeError, ValueError):
+        return
+    impl = forward.__func__
+
+    def signed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return impl(self, *args, **kwargs)
+
+    signed_forward.__signature__ = signature  # type: ignore[attr-defined]
+    signed_forward.__doc__ = impl.__doc__
+    signed_forward.__name__ = "forward"
+    signed_forward.__qualname__ = f"{type(model).__qualname__}.forward"
+    converted.forward = types.MethodType(signed_forward, converted)
 
 
 def _check_strict(

@@ -1,9 +1,11 @@
 """The module a graph front end returns: a ``GraphModule`` holding one graph per mode,
-with every parameter and buffer of the original model under its own name."""
+with every parameter and buffer of the original model under its own name, and a forward
+that takes the original forward's arguments and presents its signature."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +17,22 @@ from .checkpoint import load_state_dict_checked
 class ConvertedModule(fx.GraphModule):
     """A ``GraphModule`` with one graph per mode: ``train()``/``eval()`` switch between
     the graph traced in training mode and the one traced in eval mode, so forwards that
-    branch on ``self.training`` behave as before conversion."""
+    branch on ``self.training`` behave as before conversion.
+
+    Its forward takes the arguments of ``root``'s class forward under their own names and
+    kinds, and ``inspect.signature(converted.forward)`` is that forward's signature, so
+    callers that read it (Hugging Face ``Trainer`` keeps only the dataset columns the
+    forward names) see the original inputs."""
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str):
+        try:
+            signature: inspect.Signature | None = inspect.signature(type(root).forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: fx's own
+            signature = None
+        if signature is not None:
+            for graph in {id(g): g for g in (train_graph, eval_graph)}.values():
+                _match_placeholders(graph, signature)
+        self.__dict__["_pfa_signature"] = signature  # before the first compile, which reads it
         super().__init__(root, train_graph if root.training else eval_graph, class_name)
         self._pfa_graphs = {True: train_graph, False: eval_graph}
         for graph in (train_graph, eval_graph):
@@ -26,6 +41,14 @@ class ConvertedModule(fx.GraphModule):
                 if node.op in ("get_attr", "call_module") and not _has_attr(self, node.target):
                     fx.graph_module._copy_attr(root, self, node.target)
         _keep_every_tensor(root, self)
+
+    def recompile(self) -> Any:
+        """``GraphModule.recompile``, the new forward presenting the original signature."""
+        code = super().recompile()
+        signature = self.__dict__.get("_pfa_signature")
+        if signature is not None:
+            type(self).forward.__signature__ = signature  # the function compiled for this instance alone
+        return code
 
     def train(self, mode: bool = True) -> ConvertedModule:
         super().train(mode)
@@ -37,6 +60,8 @@ class ConvertedModule(fx.GraphModule):
     def __deepcopy__(self, memo: dict[int, Any]) -> ConvertedModule:
         res = type(self).__new__(type(self))
         memo[id(self)] = res
+        signature = self.__dict__.get("_pfa_signature")
+        memo[id(signature)] = signature  # immutable, and its annotations need not be copyable
         res.__dict__.update(copy.deepcopy(self.__dict__, memo))
         for graph in res._pfa_graphs.values():
             graph.owning_module = res
@@ -54,6 +79,29 @@ class ConvertedModule(fx.GraphModule):
             "a converted model is saved with its state_dict (torch.save(model.state_dict())) and "
             "rebuilt with pfa_fx.convert; pickling the module itself is not supported"
         )
+
+
+def _match_placeholders(graph: fx.Graph, signature: inspect.Signature) -> None:
+    """Give the traced forward the original one's parameters: torch.fx names an argument
+    traced at a constant default ``<name>_1`` (so ``forward(x, labels=None)`` became
+    ``forward(x, labels_1=None)``, refusing ``labels=``) and puts keyword-only parameters
+    before ``*args``. Each placeholder takes its parameter's name back (the node keeps its
+    own, so the code is unchanged but for one assignment), and ``*args`` moves in front of
+    the keyword-only ones."""
+    params = signature.parameters
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        stars = len(node.target) - len(node.target.lstrip("*"))
+        name = node.target[stars:]
+        base = name.rpartition("_")[0]
+        if name not in params and base in params:
+            node.target = "*" * stars + base
+    var_positional = next((n for n in placeholders if n.target.startswith("*") and n.target[1] != "*"), None)
+    keyword_only = [
+        n for n in placeholders if n.target in params and params[n.target].kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    if var_positional is not None and keyword_only:
+        keyword_only[0].prepend(var_positional)
 
 
 def _has_attr(mod: nn.Module, target: str) -> bool:

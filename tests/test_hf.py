@@ -240,3 +240,22 @@ def test_op_names_and_rule_mappings_use_module_paths(gpt2_pair):
     rules = {k: n.rule for k, n in pfa_fx.feedback_modules(mapped)}
     assert mapped.pfa_kept_native == ["lm_head"] and "lm_head" not in rules
     assert rules["transformer.h.1.mlp.c_fc"] == "kp" and rules["transformer.h.0.attn.c_attn"] == "fa"
+
+
+def test_pal_learns_in_its_noisy_pass_when_the_hf_model_computes_its_own_loss():
+    """``labels=`` routes the call through the eager front end; PAL's noisy pass runs under
+    no_grad and must still reach the feedback ops (else PAL trains as plain FA)."""
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gm = pfa_fx.convert(transformers.LlamaForCausalLM(cfg), "pal")
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    before = {k: n.B.clone() for k, n in nodes.items()}
+    opt = torch.optim.AdamW(pfa_fx.model_parameters(gm), lr=1e-3)
+    ids = torch.randint(0, 32, (2, 8))
+    gm.train()
+    gm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # PAL applies what its noisy pass learned
+    assert all(not torch.equal(before[k], n.B) for k, n in nodes.items())

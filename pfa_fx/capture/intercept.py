@@ -238,8 +238,9 @@ def call_with_feedback(
 ) -> Any:
     """Run ``target(*args, **kwargs)`` with the weight ops on the routed parameters made
     feedback-aware; ``routes`` pairs each parameter with its node's path in ``namespace``."""
-    if not torch.is_grad_enabled():
-        return target(*args, **kwargs)
     table = {id(param): namespace.get_submodule(key) for param, key in routes}
+    # no graph to build under no_grad, unless a rule runs its own no-grad pass through the ops (PAL)
+    if not torch.is_grad_enabled() and not any(node.noisy for node in table.values()):
+        return target(*args, **kwargs)
     with RouteWeightOps(table):
         return target(*args, **kwargs)
