@@ -31,22 +31,25 @@ Corpus (byte level; held out: every 20th 4,096-byte block, fixed, 5 %):
 - ``--data PATH``: a text file, or a folder whose ``*.txt`` / ``*.txt.gz`` files are joined in
   name order (e.g. the 18 NLTK Project Gutenberg books, public domain).
 
-Recipe. AdamW (betas 0.9/0.98, lr 2e-3, 5 % linear warm-up then cosine to 10 %, weight decay
-0.1 on every matrix and on the feedback state, none on norms): plain SGD with momentum barely
-trains this model in the budget (lr 0.3 diverges, 0.05 is at 4.0 bits per byte after 200 steps
-where AdamW is at 3.3), and Launay et al. used Adam too. Under Adam PFA's compact state is not
-exact, so PFA and PFA-o keep their explicit ``R`` (expansion 10), whose learning rate is divided
-by sqrt(expansion) (``--r-lr-scale``): Adam normalises each of R's n̄ = expansion·n_out rows,
-so ``W_b = B·R`` moves about sqrt(expansion) times as fast as ``W`` (under SGD ``B·R`` moves
-like ``W``, as ``B·Bᵀ ≈ I``). At the full rate ``|W_b|/|W|`` reaches 2 within 40 steps and both
-rules stall at the unigram loss (4.35 bits per byte, measured); at 1/sqrt(10) the ratio stays
-1.00 and they train. KP's ``B`` gets ``W``'s
-gradient and so the same Adam update: ``B - W = (B0 - W0)·prod(1 - lr_t·wd)`` keeps ~98 % of its
-initial value at this budget, but the shared updates soon outgrow ``B0`` and ``W0`` (std 0.02),
-so the angle between ``B`` and ``W`` still falls. Feedback state is
-drawn at each ``W``'s own scale (``scale="weight"``; Llama initialises at std 0.02, 3x below
-Xavier). WM runs the authors' initial mirror pass (``pfa_fx.mirror``), then mirrors after each
-optimizer step (pfa_fx's optimizer hook); PAL runs its noisy second pass per step.
+Recipe (pfa_fx's alignment recipe, the same for every rule, BP included). AdamW (betas
+0.9/0.98, lr 2e-3, 5 % linear warm-up then cosine to 10 %) over ``pfa_fx.param_groups``: weight
+decay 0.1 on every matrix and, in the same group, on the feedback state; none on norms. A decay
+*burst* (``pfa_fx.DecayBurst``: decay ``--burst-decay`` 20 for the first ``--burst-frac`` 30 %
+of the steps, as the PFA authors' code does with its early strong decay) pulls each plastic
+rule's feedback to its fixed point: KP's ``B - W`` and compact PFA's ``S - W`` shrink by exactly
+``prod(1 - lr_t·wd_t)`` under AdamW (``B`` and ``S`` receive ``grad_W`` itself, so their Adam
+updates equal W's), i.e. ``B -> W`` and ``G·S -> B·Bᵀ·W``, PFA's floor. The burst also shrinks
+W: BP is trained under it too, and ``--burst-decay 0`` gives plain BP for reference. PFA and
+PFA-o use the compact state (``--pfa-form compact``: ``W_b = G·S``, ``G = B·Bᵀ`` fixed; under
+AdamW this is Kolen–Pollack's dynamics seen through ``G``, not a local rule for an explicit
+``R``) at expansion ``--expansion`` 10. ``--pfa-form explicit`` keeps ``R`` (stepped by AdamW
+at ``--r-lr-scale`` times the lr, default 1/sqrt(expansion): Adam normalises each of R's
+n̄ rows, so at the full rate ``B·R`` outruns ``W``). Feedback is drawn at each ``W``'s own scale
+(pfa_fx's default; Llama initialises at std 0.02, 3x below Xavier). ``--mirror-steps`` runs
+``pfa_fx.mirror`` (a data-free alignment pass: noise through each op) before training on every
+plastic rule (kp, wm, pal, pfa, pfa-o); WM then mirrors after each optimizer step (pfa_fx's
+optimizer hook), PAL runs its noisy second pass per step. ``--init DIR`` starts every rule from
+a Hugging Face checkpoint (``from_pretrained(DIR)``) instead of a fresh model: fine-tuning.
 
 DFA for sequences. pfa_fx's dense DFA (``form="dense"``) projects each *sample's* whole
 output error (context x vocabulary) onto each op's whole input (context x width): a
@@ -98,6 +101,7 @@ RULES: tuple[str, ...] = tuple(r for r in RULE_ORDER if r in pfa_fx.RULES) + tup
 )
 COLORS = {"bp": "black", "fa": "tab:red", "dfa": "tab:pink", "sf": "tab:orange", "kp": "tab:green"}
 COLORS |= {"wm": "tab:olive", "pal": "tab:cyan", "pfa": "tab:blue", "pfa-o": "tab:purple"}
+PLASTIC = ("kp", "wm", "pal", "pfa", "pfa-o")  # rules whose feedback learns (pfa_fx.mirror aligns them)
 BLOCK, HELD_OUT_EVERY = 4096, 20  # the fixed split: every 20th 4,096-byte block is held out
 Row = tuple[str, int, str, str, float]  # rule, step, metric, layer ("" or an op name), value
 
@@ -133,8 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices and feedback state)")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up")
     p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
-    p.add_argument("--r-lr-scale", type=float, default=None, help="lr factor of PFA's R (default 1/sqrt(expansion))")
-    p.add_argument("--mirror-steps", type=int, default=2000, help="wm's initial mirror pass (no data)")
+    p.add_argument("--pfa-form", choices=("compact", "explicit"), default="compact", help="PFA's state: G·S or B·R")
+    p.add_argument("--r-lr-scale", type=float, default=None, help="lr factor of explicit R (default 1/sqrt(expansion))")
+    p.add_argument("--burst-decay", type=float, default=20.0, help="AdamW weight decay of the early burst (0: none)")
+    p.add_argument("--burst-frac", type=float, default=0.3, help="fraction of the steps the burst lasts")
+    p.add_argument("--mirror-steps", type=int, default=0, help="pfa_fx.mirror steps before training (plastic rules)")
+    p.add_argument("--init", type=Path, default=None, help="a save_pretrained() folder to start from (fine-tuning)")
     p.add_argument("--dfa", choices=("token", "dense"), default="token", help="DFA projection (see docstring)")
     p.add_argument("--eval-every", type=int, default=25, help="steps between measurements")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out sequences per measurement")
@@ -151,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         vars(args).update(steps=6, batch_size=4, context=32, width=32, layers=2, heads=2, ffn=64, eval_every=3)
         vars(args).update(eval_windows=8, final_windows=8, probe_batch=2, mirror_steps=20, timing_rounds=1)
+    if not 0 <= args.burst_frac <= 1 or args.burst_decay < 0:
+        p.error("--burst-frac must be in [0, 1] and --burst-decay >= 0")
     for flag in ("steps", "batch_size", "context", "width", "layers", "heads", "ffn", "eval_every", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -223,8 +233,11 @@ def windows(stream: Tensor, n: int, length: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- model and rules
 def build_model(args: argparse.Namespace) -> nn.Module:
-    """A fresh byte-level ``LlamaForCausalLM`` (no pretrained weights), seeded by ``--seed``."""
+    """A fresh byte-level ``LlamaForCausalLM`` seeded by ``--seed``, or the one saved in ``--init``."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.init is not None:
+        return LlamaForCausalLM.from_pretrained(args.init).float()
 
     config = LlamaConfig(
         vocab_size=256,
@@ -243,18 +256,18 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     """Options passed to ``pfa_fx.convert`` for ``rule`` (see the docstring's recipe)."""
-    if rule == "dfa":  # --dfa token|dense (see the docstring); DFA's projections have no W to take a scale from
+    if rule == "dfa":  # --dfa token|dense (see the docstring)
         return {"form": args.dfa}
-    options: dict[str, Any] = {} if rule == "bp" else {"scale": "weight"}
     if rule in ("pfa", "pfa-o"):
-        options |= {"expansion": args.expansion, "compact": False}  # compact is exact only under SGD
-    return options
+        return {"expansion": args.expansion, "compact": args.pfa_form == "compact"}
+    return {}
 
 
 def convert(model: nn.Module, rule: str, args: argparse.Namespace) -> nn.Module:
-    """``pfa_fx.convert`` a copy of ``model`` to ``rule``; WM gets its initial mirror pass."""
+    """``pfa_fx.convert`` a copy of ``model`` to ``rule``; plastic rules get ``--mirror-steps``
+    of ``pfa_fx.mirror`` (no data)."""
     gm = pfa_fx.convert(copy.deepcopy(model), rule, seed=args.seed, **rule_options(rule, args))
-    if rule == "wm":
+    if rule in PLASTIC and args.mirror_steps > 0:
         pfa_fx.mirror(gm, steps=args.mirror_steps)
     return gm
 
@@ -323,18 +336,19 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
 
 
-def make_optimizer(gm: nn.Module, rule: str, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW; weight decay on every matrix and on all feedback state, none on norms; PFA's ``R``
-    at ``--r-lr-scale`` times the learning rate (see the docstring)."""
-    own = list(pfa_fx.model_parameters(gm))
-    r_scale = 1 / math.sqrt(args.expansion) if args.r_lr_scale is None else args.r_lr_scale
-    groups = [
-        {"params": [p for p in own if p.ndim >= 2]},
-        {"params": list(pfa_fx.feedback_parameters(gm)), "lr": args.lr * (r_scale if rule in ("pfa", "pfa-o") else 1)},
-        {"params": [p for p in own if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+def make_optimizer(gm: nn.Module, rule: str, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``pfa_fx.param_groups`` (the feedback state in its weights' group; explicit
+    ``R`` at ``--r-lr-scale`` times the lr), and the decay burst (None without one)."""
+    groups = pfa_fx.param_groups(gm, weight_decay=args.weight_decay)
+    if rule in ("pfa", "pfa-o") and args.pfa_form == "explicit":
+        r_scale = 1 / math.sqrt(args.expansion) if args.r_lr_scale is None else args.r_lr_scale
+        for g in groups:
+            if g["pfa_group"] == "feedback":
+                g["lr"] = args.lr * r_scale
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    steps = round(args.burst_frac * args.steps)
+    burst = pfa_fx.DecayBurst(opt, weight_decay=args.burst_decay, steps=steps) if args.burst_decay and steps else None
+    return opt, burst
 
 
 def measure(gm: nn.Module, rule: str, step: int, data: Data) -> list[Row]:
@@ -343,6 +357,8 @@ def measure(gm: nn.Module, rule: str, step: int, data: Data) -> list[Row]:
     rows: list[Row] = [(rule, step, "eval_loss", "", loss), (rule, step, "eval_bpb", "", loss / math.log(2))]
     for name, (angle, ratio) in pfa_fx.alignment(gm).items():
         rows += [(rule, step, "angle_deg", name, angle), (rule, step, "norm_ratio", name, ratio)]
+    # PFA's floor: the angle between W and B·Bᵀ·W, the lowest its path angle can reach
+    rows += [(rule, step, "floor_deg", n, a) for n, a in pfa_fx.floor_alignment(gm).items()]
 
     def closure() -> Tensor:
         gm.eval()  # the same function in both passes, and no PAL noisy pass
@@ -376,7 +392,7 @@ def train_rule(
     gm = convert(model, rule, args)
     coverage = check_coverage(gm)
     setup_s = time.perf_counter() - start
-    opt = make_optimizer(gm, rule, args)
+    opt, burst = make_optimizer(gm, rule, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
     batches = torch.Generator().manual_seed(args.seed)  # the same batch order for every rule
     rows, step_s, losses = measure(gm, rule, 0, data), [], []
@@ -385,6 +401,8 @@ def train_rule(
         t0 = time.perf_counter()
         losses.append(train_step(gm, opt, seqs))
         sched.step()
+        if burst is not None:
+            burst.step()
         step_s.append(time.perf_counter() - t0)
         if step % args.eval_every == 0 or step == args.steps:
             new = [(rule, step, "train_loss", "", sum(losses) / len(losses)), *measure(gm, rule, step, data)]
@@ -450,12 +468,15 @@ def summarize(rows: list[Row], stats: dict[str, dict], data: Data, args: argpars
     for rule in args.rules:
         steps, bpb = series(rows, rule, "eval_bpb")
         _, angle = series(rows, rule, "angle_deg")
+        _, floor = series(rows, rule, "floor_deg")
         _, grad = series(rows, rule, "grad_angle_deg", hidden_only=True)
         s = stats[rule]
         per_rule[rule] = {
             "final_bpb": s["final_bpb"],
             "bpb_at_half": bpb[steps.index(half)] if half in steps else None,
             "angle_deg_mean": angle[-1] if angle else None,  # None: no W-shaped feedback (DFA)
+            "angle_deg_mean_at_start": angle[0] if angle else None,  # after conversion (and mirror)
+            "floor_deg_mean": floor[-1] if floor else None,  # PFA/PFA-o: the angle of B·Bᵀ·W
             "angle_deg_by_layer": final_by_block(rows, rule, "angle_deg", args.steps),
             "grad_angle_deg_mean_hidden": grad[-1] if grad else None,
             "grad_angle_deg_by_layer": final_by_block(rows, rule, "grad_angle_deg", args.steps),
@@ -488,8 +509,8 @@ def format_table(summary: dict[str, Any]) -> str:
     """The printed results table (Markdown)."""
     fmt = lambda v, f="{:.1f}": "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
     bp = summary["rules"].get("bp", {}).get("final_bpb")
-    head = f"| rule | held-out bpb | Δ vs BP | bpb @ step {summary['half_step']} | ∠W_b mean | ∠W_b L0 / last / head "
-    head += "| ∠ΔW vs BP (hidden ops) | tokens/s | × BP |"
+    head = f"| rule | held-out bpb | Δ vs BP | bpb @ step {summary['half_step']} | ∠W_b start → end (floor) "
+    head += "| ∠W_b L0 / last / head | ∠ΔW vs BP (hidden ops) | tokens/s | × BP |"
     lines = [head, "|" + "---|" * 9]
     for rule, r in summary["rules"].items():
         by = r["angle_deg_by_layer"]
@@ -498,7 +519,8 @@ def format_table(summary: dict[str, Any]) -> str:
         delta = fmt(r["final_bpb"] - bp, "{:+.3f}") if bp is not None else "–"
         lines.append(
             f"| {rule} | {fmt(r['final_bpb'], '{:.3f}')} | {delta} | {fmt(r['bpb_at_half'], '{:.3f}')} | "
-            f"{fmt(r['angle_deg_mean'])} | {per_layer} | {fmt(r['grad_angle_deg_mean_hidden'])} | "
+            f"{fmt(r['angle_deg_mean_at_start'])} → {fmt(r['angle_deg_mean'])}"
+            f"{' (' + fmt(r['floor_deg_mean']) + ')' if r['floor_deg_mean'] is not None else ''} | {per_layer} | {fmt(r['grad_angle_deg_mean_hidden'])} | "
             f"{r['tokens_per_s']:.0f} | {fmt(r['tokens_per_s_ratio_to_bp'], '{:.2f}')} |"
         )
     return "\n".join(lines)

@@ -5,11 +5,19 @@ pass) into a feedback-aware op: identical forward, backward through the rule's f
 weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``.
 """
 
+from . import hf
 from .checkpoint import conversion_config
 from .convert import convert, op_names
 from .errors import ConversionError, ConversionTypeError, TraceError
 from .graph_module import ConvertedModule
-from .metrics import AlignmentLogger, alignment, angle_and_norm_ratio, backprop_mode, gradient_alignment
+from .metrics import (
+    AlignmentLogger,
+    alignment,
+    angle_and_norm_ratio,
+    backprop_mode,
+    floor_alignment,
+    gradient_alignment,
+)
 from .node import FeedbackNode
 from .optim import DecayBurst, param_groups
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
@@ -37,7 +45,9 @@ __all__ = [
     "convert",
     "feedback_modules",
     "feedback_parameters",
+    "floor_alignment",
     "gradient_alignment",
+    "hf",
     "mirror",
     "model_parameters",
     "op_names",

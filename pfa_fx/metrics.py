@@ -46,6 +46,17 @@ def alignment(model: nn.Module) -> dict[str, tuple[float, float]]:
     }
 
 
+def floor_alignment(model: nn.Module) -> dict[str, float]:
+    """``{op name: angle_degrees}`` between W and ``B·Bᵀ·W`` for each PFA / PFA-o op: the
+    lowest path angle the rule can reach with its draw of ``B`` (its fixed point under weight
+    decay; ~0 for PFA-o, whose ``B·Bᵀ = I``). Compare with :func:`alignment`'s angle."""
+    return {
+        name: angle_and_norm_ratio(node.weight, node.floor_feedback())[0]
+        for name, node in feedback_modules(model)
+        if callable(getattr(node, "floor_feedback", None))
+    }
+
+
 @contextlib.contextmanager
 def backprop_mode(model: nn.Module) -> Iterator[None]:
     """Within the block, every converted op of ``model`` backpropagates with ``W`` itself

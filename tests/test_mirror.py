@@ -135,3 +135,18 @@ def test_mirror_rejects_bad_arguments(trained):
         pfa_fx.mirror(gm, -1)
     with pytest.raises(ValueError, match="batch must be an int"):
         pfa_fx.mirror(gm, 1, batch=0)
+
+
+@pytest.mark.parametrize("opts", [{}, {"compact": True}], ids=["explicit", "compact"])
+def test_floor_alignment_is_the_angle_of_b_bt_w(trained, opts):
+    gm = pfa_fx.convert(trained, "pfa", expansion=2, **opts)
+    floors = pfa_fx.floor_alignment(gm)
+    nodes = dict(pfa_fx.feedback_modules(gm))
+    assert set(floors) == set(nodes)
+    for k, n in nodes.items():
+        assert floors[k] == pytest.approx(_floor(n), abs=1e-9)
+        # expansion 2, n_out 64: tan²θ ≈ (n_out + 1)/n̄, about 35°
+        assert 25 < floors[k] < 45 or k == "4"
+    ortho = pfa_fx.floor_alignment(pfa_fx.convert(trained, "pfa-o"))
+    assert all(a < 1e-5 for a in ortho.values())
+    assert pfa_fx.floor_alignment(pfa_fx.convert(trained, "kp")) == {}

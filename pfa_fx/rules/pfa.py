@@ -383,6 +383,15 @@ class PFANode(SGDImplicit, FeedbackNode):
         return (self._ungrouped(grad_R, tuple(state[0].shape)),)
 
     @torch.no_grad()
+    def floor_feedback(self) -> Tensor:
+        """``B·Bᵀ·W`` (``G·W``): the feedback weight at the rule's fixed point, whose angle to W
+        is the floor of PFA's path alignment (:func:`pfa_fx.floor_alignment`)."""
+        W = self.weight
+        M = self._mixer(W.device)
+        G = M if self.compact else M @ M.mT
+        return self._ungrouped(torch.bmm(G.to(W.dtype), self._grouped(W)), self.weight_shape)
+
+    @torch.no_grad()
     def mirror_update(self, estimate: Tensor, rate: float) -> None:
         """:func:`pfa_fx.mirror`'s update, the rule's own local update with the op's noisy
         estimate ``Ŵ`` of W in place of ``grad_W``: ``R`` toward ``Bᵀ·Ŵ`` (so ``B·R -> B·Bᵀ·W``),
