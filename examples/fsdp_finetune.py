@@ -126,9 +126,9 @@ def load_batches(args: argparse.Namespace) -> tuple[Tensor, Tensor | None]:
     return (x - 0.1307) / 0.3081, torch.as_tensor(y, dtype=torch.long)
 
 
-def loss_of(model: nn.Module, args: argparse.Namespace, x: Tensor, y: Tensor | None, caught: Any) -> Tensor:
+def loss_of(model: nn.Module, args: argparse.Namespace, x: Tensor, y: Tensor | None) -> Tensor:
     if args.model == "llama":
-        return lm_rules.lm_loss(model, x, caught)
+        return lm_rules.lm_loss(model, x)
     return F.cross_entropy(model(x), y)
 
 
@@ -138,18 +138,19 @@ def example_inputs(args: argparse.Namespace) -> Any:
     return torch.zeros(2, 1, 28, 28)
 
 
-def convert(model: nn.Module, args: argparse.Namespace, caught: Any) -> nn.Module:
+def convert(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """``pfa_fx.convert(..., capture="modules")`` with the LM example's options per rule."""
     if args.rule == "native":
         return model
-    opts = lm_rules.rule_options(args.rule, argparse.Namespace(expansion=args.expansion))
+    # DFA: each token's own output error (Launay et al.); PFA: explicit R, as measured in RESULTS
+    opts = lm_rules.rule_options(
+        args.rule, argparse.Namespace(expansion=args.expansion, dfa="token", pfa_form="explicit")
+    )
     if args.store_feedback == "no":
         opts["store_feedback"] = False
     converted = pfa_fx.convert(
         model, args.rule, capture="modules", seed=args.seed, example_inputs=example_inputs(args), **opts
     )
-    if args.rule == "dfa" and args.model == "llama":
-        lm_rules.tokenwise_dfa(converted, caught)  # each token's own output error (Launay et al.)
     return converted
 
 
@@ -217,10 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         torch.cuda.set_device(device)
     try:
-        caught = lm_rules.OutputError()
         baseline = peak_memory_mib(device)  # interpreter, torch and libraries: before any model exists
         native, blocks = build_model(args)
-        model = convert(native, args, caught).to(device)
+        model = convert(native, args).to(device)
         # the converted model keeps the native module tree: the same blocks, by path
         names = {id(b): n for n, b in native.named_modules()}
         blocks = [model.get_submodule(names[id(b)]) for b in blocks]
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             idx = torch.randint(len(x_all), (args.batch_size,), generator=gen).chunk(world)[rank]
             x = x_all[idx].to(device)
             y = None if y_all is None else y_all[idx].to(device)
-            loss = loss_of(model, args, x, y, caught)
+            loss = loss_of(model, args, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -236,7 +236,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     """A fresh byte-level ``LlamaForCausalLM`` seeded by ``--seed``, or the one saved in ``--init``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if args.init is not None:
+    if getattr(args, "init", None) is not None:
         return LlamaForCausalLM.from_pretrained(args.init).float()
 
     config = LlamaConfig(

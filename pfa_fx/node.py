@@ -162,6 +162,8 @@ def feedback_std(weight: Tensor, scale: str | float, rule: str) -> float:
         if scale == "xavier":
             return xavier_std(weight.shape)
         if scale == "weight":
+            if weight.is_meta:  # no values to measure (a meta conversion sizes state, draws nothing)
+                return xavier_std(weight.shape)
             rms = float(weight.detach().double().square().mean().sqrt())
             return rms if rms > 0 else xavier_std(weight.shape)
         raise ConversionError(

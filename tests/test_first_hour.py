@@ -138,7 +138,7 @@ def test_a_checkpoint_that_would_load_feedback_into_another_rule_is_refused_even
     net = Net()
     fa = pfa_fx.convert(net, "fa")
     kp = pfa_fx.convert(net, "kp")  # the same state key, B, with another meaning
-    with pytest.raises(ConversionError, match=r"(?s)checkpoint: fa\(scale='xavier'\).*this model: kp"):
+    with pytest.raises(ConversionError, match=r"(?s)checkpoint: fa\(scale='weight'\).*this model: kp"):
         kp.load_state_dict(fa.state_dict(), strict=False)
     # nothing of the feedback would load into a BP conversion: strict=False takes the weights
     result = pfa_fx.convert(net, "bp").load_state_dict(fa.state_dict(), strict=False)
@@ -171,7 +171,7 @@ def test_the_configuration_is_recorded_and_ops_converted_on_one_side_only_are_na
             "expansion": 2,
             "compact": False,
             "route": "auto",
-            "scale": "xavier",
+            "scale": "weight",
             "density": 1.0,
             "implicit": False,
         },
@@ -356,7 +356,7 @@ def test_a_node_reports_the_options_it_was_built_with():
         "expansion": 2,
         "compact": True,
         "route": "auto",
-        "scale": "xavier",
+        "scale": "weight",
         "density": 1.0,
         "implicit": False,
     }

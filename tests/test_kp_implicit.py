@@ -150,7 +150,7 @@ def test_no_w_sized_parameter_and_state_is_w_plus_three_numbers():
     for n in _nodes(implicit).values():
         assert n.state_numel() == n.D0.numel() + 3
         assert n.alpha.dtype == n.beta.dtype == DT and n.alpha.dim() == 0
-        assert n.config == {"scale": "xavier", "implicit": True}
+        assert n.config == {"scale": "weight", "implicit": True}
         assert not n.plastic
 
 

@@ -111,10 +111,16 @@ def test_a_checkpoint_saved_before_the_layout_move_loads_after_it(path):
     saved = torch.load(path, weights_only=False)
     torch.manual_seed(0)
     net = Mixed() if saved["net"] == "Mixed" else MLP()
-    gm = pfa_fx.convert(net, saved["rule"], seed=3, **saved["options"])
+    then = {} if saved["rule"] == "bp" else {"scale": "xavier"}  # the default when it was saved
+    gm = pfa_fx.convert(net, saved["rule"], seed=3, **then, **saved["options"])
     gm.load_state_dict(saved["state_dict"])  # strict, and checked against the recorded conversion
     mine = gm.state_dict()
     assert mine.keys() == saved["state_dict"].keys()
     for k, v in saved["state_dict"].items():
         assert torch.equal(mine[k], v) if isinstance(v, torch.Tensor) else mine[k] == v, k
-    assert torch.equal(gm(saved["x"]), saved["out"])
+    # the recorded output came from another CPU's kernels (last bits differ): bit for bit
+    # against the unconverted net with the same weights, computed here
+    native = Mixed() if saved["net"] == "Mixed" else MLP()
+    native.load_state_dict({k: v for k, v in saved["state_dict"].items() if "pfa_feedback" not in k})
+    assert torch.equal(gm(saved["x"]), native(saved["x"]))
+    torch.testing.assert_close(gm(saved["x"]), saved["out"])

@@ -134,10 +134,17 @@ def test_a_checkpoint_saved_by_an_older_pfa_fx_loads_into_the_module_layout(path
     saved = torch.load(path, weights_only=False)
     torch.manual_seed(0)
     net = Mixed() if saved["net"] == "Mixed" else MLP()
-    opts = dict(saved["options"], capture="modules", example_inputs=saved["x"])  # a probe finds head_weight
+    # saved when Xavier's scale was the default: the conversion it records says scale='xavier'
+    then = {} if saved["rule"] == "bp" else {"scale": "xavier"}
+    opts = dict(then, **saved["options"], capture="modules", example_inputs=saved["x"])  # a probe finds head_weight
     held = pfa_fx.convert(net, saved["rule"], seed=3, **opts)
     held.load_state_dict(saved["state_dict"])
-    assert torch.equal(held(saved["x"]), saved["out"])
+    # the output recorded with the checkpoint came from another CPU's kernels (last bits differ):
+    # compare with the unconverted net loaded with the same weights, computed here
+    native = Mixed() if saved["net"] == "Mixed" else MLP()
+    native.load_state_dict({k: v for k, v in saved["state_dict"].items() if "pfa_feedback" not in k})
+    assert torch.equal(held(saved["x"]), native(saved["x"]))
+    torch.testing.assert_close(held(saved["x"]), saved["out"])
     theirs = {op_of_state_key(k): v for k, v in saved["state_dict"].items() if op_of_state_key(k)}
     for k, v in _by_op(held).items():
         assert torch.equal(v, theirs[k]), k

@@ -136,7 +136,7 @@ def test_no_w_sized_parameter_and_the_native_parameter_count():
             "expansion": 4,
             "compact": True,
             "route": "auto",
-            "scale": "xavier",
+            "scale": "weight",
             "density": 1.0,
             "implicit": True,
         }

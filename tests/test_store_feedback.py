@@ -219,7 +219,7 @@ def test_feedback_weight_and_alignment_are_those_of_the_stored_conversion():
 def test_the_default_conversion_is_what_it_was():
     gm = pfa_fx.convert(_mlp(), "fa", seed=3)
     for node in _nodes(gm).values():
-        assert node.config == {"scale": "xavier"} and "store_feedback" not in repr(node)
+        assert node.config == {"scale": "weight"} and "store_feedback" not in repr(node)
         assert node.store_feedback and set(node.state_dict()) == {"B"} and not node.draws_from_seed
     explicit = pfa_fx.convert(_mlp(), "fa", seed=3, store_feedback=True)
     assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), explicit.state_dict().values()))
