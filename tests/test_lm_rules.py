@@ -83,3 +83,24 @@ def test_unknown_rule_is_a_clear_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'pfa-x'" in err and "pfa-o" in err
+
+
+def test_quick_finetune_pretrains_saves_reloads_and_tunes_each_start(tmp_path):
+    """examples/lm_finetune.py: pretrain with BP, save_pretrained, from_pretrained, then each
+    rule fine-tunes; the plastic rules also from an aligned start (pfa_fx.mirror)."""
+    _load()
+    sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location("examples_lm_finetune", EXAMPLES / "lm_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    corpus = _tiny_corpus(tmp_path / "books")
+    out = tmp_path / "ft"
+    summary = module.main(["--quick", "--rules", "bp", "fa", "kp", "--pretrain-data", str(corpus), "--out", str(out)])
+    assert (out / "pretrained" / "bp" / "config.json").is_file() and (out / "finetune.png").is_file()
+    rows = summary["rows"]
+    assert set(rows) == {"bp", "fa", "kp (unaligned)", "kp (aligned)"}
+    # every rule starts from the same pretrained model: the same held-out number before tuning
+    assert len({round(r["bpb_before"], 9) for r in rows.values()}) == 1
+    assert all(math.isfinite(r["final_bpb"]) for r in rows.values())
+    # the aligned start is aligned, the unaligned one is not
+    assert rows["kp (aligned)"]["angle_deg_start"] < 45 < rows["kp (unaligned)"]["angle_deg_start"]

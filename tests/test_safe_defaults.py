@@ -41,13 +41,13 @@ def _hf_lm(kind: str) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (2, 16))
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=128, n_positions=32)
+        cfg = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
         model = transformers.GPT2LMHeadModel(cfg)
     elif kind == "llama":
         cfg = transformers.LlamaConfig(
-            num_hidden_layers=4,
-            hidden_size=128,
-            intermediate_size=256,
+            num_hidden_layers=3,
+            hidden_size=64,
+            intermediate_size=128,
             num_attention_heads=4,
             num_key_value_heads=4,
             vocab_size=128,
@@ -55,7 +55,7 @@ def _hf_lm(kind: str) -> tuple[nn.Module, object]:
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.BertConfig(
-            num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4, vocab_size=128
+            num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=128
         )
         model = transformers.BertForMaskedLM(cfg)
     return model, lambda m: m(input_ids=ids, labels=ids).loss
@@ -70,7 +70,7 @@ def test_default_conversion_of_hf_models_keeps_backprop_gradient_magnitudes(kind
 @pytest.mark.parametrize("name", ["vit_small_patch16_224", "convnext_atto"])
 def test_default_conversion_of_timm_models_keeps_backprop_gradient_magnitudes(name):
     torch.manual_seed(0)
-    kwargs = {"img_size": 64, "depth": 4} if name.startswith("vit") else {}  # ViT-S width, 4 blocks
+    kwargs = {"img_size": 64, "depth": 3} if name.startswith("vit") else {}  # ViT-S width, 3 blocks
     model = timm.create_model(name, num_classes=10, **kwargs)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     _check(model, lambda m: nn.functional.cross_entropy(m(x), y))
