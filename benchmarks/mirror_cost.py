@@ -30,7 +30,7 @@ from torch import nn
 import pfa_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import cpu_name, git_revision  # noqa: E402
+from _shared import cpu_name, git_revision
 
 RULES = {"kp": {}, "wm": {}, "pal": {}, "pfa": {}, "pfa compact": {"compact": True}, "pfa-o": {}}
 
