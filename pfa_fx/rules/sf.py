@@ -1,7 +1,7 @@
 """Sign-concordant feedback: ``W_b = sign(W) * M`` (Liao et al. 2016; Xiao et al. 2018).
 
-Variants (``variant=``): ``"usf"`` one constant per layer (W's Xavier scale, or
-``scale="weight"``: W's own root-mean-square, or a number), ``"frsf"``
+Variants (``variant=``): ``"usf"`` one constant per layer (W's own root-mean-square,
+``scale="weight"``, the default; ``"xavier"``: Xavier's std for W's shape; or a number), ``"frsf"``
 fixed random magnitudes, ``"brsf"`` magnitudes redrawn at every forward (batch) from a
 generator seeded by ``(seed, op name, step)``, so every process draws the same.
 
