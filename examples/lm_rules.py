@@ -33,23 +33,24 @@ Corpus (byte level; held out: every 20th 4,096-byte block, fixed, 5 %):
 
 Recipe (pfa_fx's alignment recipe, the same for every rule, BP included). AdamW (betas
 0.9/0.98, lr 2e-3, 5 % linear warm-up then cosine to 10 %) over ``pfa_fx.param_groups``: weight
-decay 0.1 on every matrix and, in the same group, on the feedback state; none on norms. A decay
-*burst* (``pfa_fx.DecayBurst``: decay ``--burst-decay`` 20 for the first ``--burst-frac`` 30 %
-of the steps, as the PFA authors' code does with its early strong decay) pulls each plastic
-rule's feedback to its fixed point: KP's ``B - W`` and compact PFA's ``S - W`` shrink by exactly
-``prod(1 - lr_t·wd_t)`` under AdamW (``B`` and ``S`` receive ``grad_W`` itself, so their Adam
-updates equal W's), i.e. ``B -> W`` and ``G·S -> B·Bᵀ·W``, PFA's floor. The burst also shrinks
-W: BP is trained under it too, and ``--burst-decay 0`` gives plain BP for reference. PFA and
-PFA-o use the compact state (``--pfa-form compact``: ``W_b = G·S``, ``G = B·Bᵀ`` fixed; under
-AdamW this is Kolen–Pollack's dynamics seen through ``G``, not a local rule for an explicit
-``R``) at expansion ``--expansion`` 10. ``--pfa-form explicit`` keeps ``R`` (stepped by AdamW
-at ``--r-lr-scale`` times the lr, default 1/sqrt(expansion): Adam normalises each of R's
-n̄ rows, so at the full rate ``B·R`` outruns ``W``). Feedback is drawn at each ``W``'s own scale
-(pfa_fx's default; Llama initialises at std 0.02, 3x below Xavier). ``--mirror-steps`` runs
-``pfa_fx.mirror`` (a data-free alignment pass: noise through each op) before training on every
-plastic rule (kp, wm, pal, pfa, pfa-o); WM then mirrors after each optimizer step (pfa_fx's
-optimizer hook), PAL runs its noisy second pass per step. ``--init DIR`` starts every rule from
-a Hugging Face checkpoint (``from_pretrained(DIR)``) instead of a fresh model: fine-tuning.
+decay 0.1 on every matrix and, in the same group, on the feedback state; none on norms. Before
+training, ``pfa_fx.mirror`` (``--mirror-steps`` 500: a data-free pass, noise through each op)
+aligns every plastic rule's feedback with the initial W (kp, wm, pal, pfa, pfa-o); the other
+rules' feedback is fixed. From there KP's ``B - W`` and compact PFA's ``S - W`` only shrink, by
+exactly ``prod(1 - lr_t·wd)`` under AdamW (``B`` and ``S`` receive ``grad_W`` itself, so their
+Adam updates equal W's), while W grows away from its small init: ``B -> W``, ``G·S -> B·Bᵀ·W``
+(PFA's floor). PFA and PFA-o use the compact state (``--pfa-form compact``: ``W_b = G·S``,
+``G = B·Bᵀ`` fixed; under AdamW this is Kolen–Pollack's dynamics seen through ``G``, not a
+local rule for an explicit ``R``) at expansion ``--expansion`` 10. ``--pfa-form explicit``
+keeps ``R`` (stepped by AdamW at ``--r-lr-scale`` times the lr, default 1/sqrt(expansion): Adam
+normalises each of R's n̄ rows, so at the full rate ``B·R`` outruns ``W``). ``--burst-decay``
+/ ``--burst-frac`` add the PFA authors' early burst of strong decay (``pfa_fx.DecayBurst``;
+e.g. 20 for the first 30 % of the steps), which aligns without a mirror pass but also shrinks
+W: measured here it costs BP 0.18 bits and the rules as much (``benchmarks/RESULTS.md``).
+Feedback is drawn at each ``W``'s own scale (pfa_fx's default; Llama initialises at std 0.02,
+3x below Xavier). WM also mirrors after each optimizer step (pfa_fx's optimizer hook); PAL
+runs its noisy second pass per step. ``--init DIR`` starts every rule from a Hugging Face
+checkpoint (``from_pretrained(DIR)``) instead of a fresh model: fine-tuning.
 
 DFA for sequences. pfa_fx's dense DFA (``form="dense"``) projects each *sample's* whole
 output error (context x vocabulary) onto each op's whole input (context x width): a
@@ -139,9 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expansion", type=float, default=10.0, help="n̄ / n_out for pfa and pfa-o")
     p.add_argument("--pfa-form", choices=("compact", "explicit"), default="compact", help="PFA's state: G·S or B·R")
     p.add_argument("--r-lr-scale", type=float, default=None, help="lr factor of explicit R (default 1/sqrt(expansion))")
-    p.add_argument("--burst-decay", type=float, default=20.0, help="AdamW weight decay of the early burst (0: none)")
+    p.add_argument("--burst-decay", type=float, default=0.0, help="AdamW weight decay of an early burst (0: none)")
     p.add_argument("--burst-frac", type=float, default=0.3, help="fraction of the steps the burst lasts")
-    p.add_argument("--mirror-steps", type=int, default=0, help="pfa_fx.mirror steps before training (plastic rules)")
+    p.add_argument("--mirror-steps", type=int, default=500, help="pfa_fx.mirror steps before training (plastic rules)")
     p.add_argument("--init", type=Path, default=None, help="a save_pretrained() folder to start from (fine-tuning)")
     p.add_argument("--save", type=Path, default=None, help="save each trained model's weights to SAVE/<rule>")
     p.add_argument("--dfa", choices=("token", "dense"), default="token", help="DFA projection (see docstring)")
