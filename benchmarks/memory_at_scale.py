@@ -30,8 +30,9 @@ What is counted, per rank, in the model's dtype (float32, or everything bfloat16
   (reduce-scatter), plus PAL's pending update (W-sized per op, held from the noisy pass to
   the optimizer step; counted sharded with its ``B``).
 - **optimizer**: SGD with momentum keeps 1 buffer per trainable tensor, Adam 2 (scalar step
-  counts left out). Compact PFA is exact only under SGD (DESIGN.md §3): its Adam column is
-  what the state costs, not a recommendation.
+  counts left out). Compact PFA equals explicit PFA only under SGD; under Adam it is the
+  supported form of its own (docs/alignment.md: ``S`` follows W's updates), which its Adam
+  column sizes.
 - **gathered**: the largest FSDP group's unsharded weights plus its held feedback state, all
   gathered at once (the root group too: FSDP2 leaves the root unsharded between forward and
   backward). What bounds one rank's peak beyond its shards, with activations, the backward's

@@ -20,7 +20,7 @@ momentum 0.9, batch 128, 250 epochs, lr ×0.1 at epochs 100, 150, 200 (``--sched
 cosine`` as alternative), weight decay 0.01 for the first epoch then ×0.01, expansion 10,
 Xavier-uniform weights (zero biases), standard augmentation (random crop with 4-pixel
 padding, horizontal flip), per-channel normalization. PFA/PFA-o run with
-``compact=True`` (exact under SGD; DESIGN.md §3); ``--explicit-r`` keeps R.
+``compact=True`` (exact under SGD; docs/design.md, section 'Compact PFA and optimizers'); ``--explicit-r`` keeps R.
 Published reference error (BioTorch, Sanfiz & Akrout 2021): BP 8.63 %, FA 32.16 %,
 uSF 10.05 % (dotted lines in the accuracy panel).
 

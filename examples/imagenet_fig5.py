@@ -17,7 +17,7 @@ transforms: training ``RandomResizedCrop(224)`` + horizontal flip; validation re
 Recipe (defaults; BioTorch's ResNet-18 ImageNet config, the paper's optimizer): SGD lr
 0.1, momentum 0.9, global batch 256, 75 epochs, lr ×0.1 at epochs 20, 40, 60 (``--schedule
 cosine`` as alternative), weight decay 0.01 for the first epoch then ×0.01, expansion 10.
-PFA/PFA-o run with ``compact=True`` (exact under SGD; DESIGN.md §3); ``--explicit-r``
+PFA/PFA-o run with ``compact=True`` (exact under SGD; docs/design.md, section 'Compact PFA and optimizers'); ``--explicit-r``
 keeps R. Published reference top-1 error (BioTorch, Sanfiz & Akrout 2021): BP 30.39 %,
 FA 85.25 %, uSF 34.97 % (dotted lines in the accuracy panel).
 

@@ -53,7 +53,7 @@ the largest that keeps FA stable here (at 0.02 FA's weights blow up in the first
 
 PFA runs with ``compact=True`` by default: a W-shaped state ``S`` with ``W_b = G·S``,
 ``G = B·Bᵀ``, which under SGD gives exactly the same trajectory as the explicit ``R``
-(``n̄ x n_in``) at a fraction of the cost (DESIGN.md §3; here the two agree to 1e-7 over
+(``n̄ x n_in``) at a fraction of the cost (docs/design.md, section 'Compact PFA and optimizers'; here the two agree to 1e-7 over
 500 steps). ``--explicit-r`` keeps ``R`` (about 2x slower for PFA on a CPU).
 
 Outputs in ``--out`` (default ``runs/mnist_fig2``):
@@ -338,7 +338,7 @@ def read_csv(paths: list[Path]) -> list[Row]:
 
 
 def pfa_angle_floor(expansion: float, n_out: int) -> float:
-    """Theory: angle between W and B·Bᵀ·W for Gaussian B (n_out x n̄) and generic W (DESIGN.md §2).
+    """Theory: angle between W and B·Bᵀ·W for Gaussian B (n_out x n̄) and generic W (docs/design.md, section 'Path alignment').
 
     cos = E[λ]/sqrt(E[λ²]) over the Marchenko–Pastur spectrum of B·Bᵀ, to leading order in
     1/n_out: arccos(1/sqrt(1 + (n_out + 1)/n̄)), ~17.5° at expansion 10.

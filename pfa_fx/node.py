@@ -6,7 +6,7 @@ and runs BP's own fused backward call with ``W_b`` in W's place, so ``grad_W`` a
 ``grad_b`` come out exactly as BP's, and hands ``grad_W`` to :meth:`state_grads` for the
 rule's local update (KP: ``grad_B = grad_W``; PFA: ``grad_R = B^T grad_W``).
 ``W_b`` is built in the backward, so nothing beyond BP's own tensors is kept between
-forward and backward (DESIGN.md §2).
+forward and backward (docs/design.md, section 'The feedback op').
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 In PFA the feedback weight of a layer is ``W_b = B·R`` with ``B`` (``n_out x n̄``) fixed
 random, entries ``N(0, 1/n̄)``, ``n̄ = expansion·n_out``, and ``R`` plastic. With weight
-decay, ``R -> B^T W`` and so ``W_b -> B B^T W = G W`` (DESIGN.md §2–3). How well the
+decay, ``R -> B^T W`` and so ``W_b -> B B^T W = G W`` (docs/design.md, sections 'PFA' and 'Compact PFA'). How well the
 feedback path aligns with ``W`` is therefore a property of the spectrum of
 ``G = B B^T``, which is a Wishart matrix ``(1/n̄)·X X^T`` (``X`` an ``n_out x n̄`` standard
 Gaussian matrix). As ``n_out, n̄ -> ∞`` with ``λ = n_out / n̄ = 1 / expansion`` fixed, its
@@ -58,7 +58,7 @@ below 0.06°.
 Caveat: a *trained* ``W`` is not independent of ``B`` (under PFA the error that trains
 ``W`` has itself passed through ``G``), so this predicts the alignment of the
 converged feedback path for a generic ``W`` (the setting of the paper's Proposition 3 /
-Figure 3 as DESIGN.md describes it), not an exact law for every trained network.
+Figure 3 as docs/design.md, section 'Path alignment', describes it), not an exact law for every trained network.
 
 pfa-o draws ``B`` with orthonormal rows, so ``G = I`` exactly and θ = 0 at any
 expansion ≥ 1.
@@ -337,7 +337,7 @@ def feedback_gram(
     """Draw ``B`` as PFA does and return ``G = B B^T`` (``n_out x n_out``, float64).
 
     ``B`` is ``n_out x n̄`` with ``n̄ = round(expansion·n_out)`` and entries ``N(0, 1/n̄)``
-    (DESIGN.md §2). With ``orthonormal=True`` (pfa-o) ``B``'s rows are made orthonormal
+    (docs/design.md, section 'PFA'). With ``orthonormal=True`` (pfa-o) ``B``'s rows are made orthonormal
     by a QR decomposition of an ``n̄ x n_out`` Gaussian matrix, so ``G = I`` up to
     rounding (requires ``expansion ≥ 1``). ``density < 1`` masks ``B`` as the PFA rule
     does (:func:`pfa_fx.rules.pfa.sparsify_feedback`: Bernoulli mask drawn after the

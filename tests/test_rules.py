@@ -1,4 +1,4 @@
-"""Each rule's feedback weight and plastic update, as DESIGN.md §2 defines them."""
+"""Each rule's feedback weight and plastic update, as docs/design.md, section 'The rules', defines them."""
 
 import copy
 

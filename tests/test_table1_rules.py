@@ -1,4 +1,4 @@
-"""DFA, weight mirror and PAL against independent formulas (DESIGN.md §6), in float64."""
+"""DFA, weight mirror and PAL against independent formulas (docs/design.md, sections 'DFA', 'WM' and 'PAL'), in float64."""
 
 import copy
 import itertools

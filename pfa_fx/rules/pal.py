@@ -1,7 +1,7 @@
 """Phaseless alignment learning (Max et al. 2022/2024): ``W_b`` learns from noise that is
 always present in the network's own activity, with no separate mirror phase.
 
-Implemented: the discrete per-step form of DESIGN.md §6 for minibatch SGD (static input
+Implemented: the discrete per-step form of docs/design.md, section 'PAL', for minibatch SGD (static input
 within a step, white noise, first order in σ). After every training forward of the
 converted model (train mode, grad enabled) a forward hook runs a second, *noisy* pass
 over the same batch without grad, whose outputs are discarded: each PAL op adds fresh
