@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lm_rules  # noqa: E402  (the model, corpora and training loop of the LM example)
+import lm_rules  # the model, corpora and training loop of the LM example
 
 PLASTIC = lm_rules.PLASTIC
 SIZE_FLAGS = ("layers", "width", "heads", "ffn", "context", "batch_size", "threads", "seed")
@@ -106,9 +106,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = args.out / "pretrained" / "bp"
     if not (weights / "config.json").is_file():  # pretrain once; a rerun reuses the checkpoint
         lm_rules.main(
-            [*common, *_corpus(args.pretrain_data, "pydoc"), "--rules", "bp", "--steps", str(args.pretrain_steps)]
-            + ["--burst-decay", "0", "--eval-every", str(max(1, args.pretrain_steps // 10))]
-            + ["--save", str(args.out / "pretrained"), "--out", str(args.out / "pretrain")]
+            [
+                *common,
+                *_corpus(args.pretrain_data, "pydoc"),
+                *("--rules", "bp", "--steps", str(args.pretrain_steps), "--burst-decay", "0"),
+                *("--eval-every", str(max(1, args.pretrain_steps // 10))),
+                *("--save", str(args.out / "pretrained"), "--out", str(args.out / "pretrain")),
+            ]
         )
     tune = [*common, *_corpus(args.data, "kjv"), "--init", str(weights), "--steps", str(args.steps)]
     tune += ["--lr", str(args.lr), "--burst-decay", "0", "--eval-every", str(args.eval_every)]
@@ -168,6 +172,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     rows = summary["rows"]
     rules = list(dict.fromkeys(r["rule"] for r in rows.values()))
@@ -179,14 +185,18 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             ax.bar(i + dx, r["final_bpb"], width=0.38, color=color)
             ax.plot([i + dx - 0.19, i + dx + 0.19], [r["bpb_after_first_tenth"]] * 2, color="black", lw=1)
     before = next(iter(rows.values()))["bpb_before"]
-    ax.axhline(before, color="tab:red", ls="--", lw=1, label=f"pretrained, before fine-tuning ({before:.2f})")
+    ax.axhline(before, color="tab:red", ls="--", lw=1)
     ax.set_xticks(range(len(rules)), rules)
     ax.set_ylabel("held-out bits per byte")
-    ax.set_ylim(bottom=min(r["final_bpb"] for r in rows.values()) * 0.9)
-    ax.bar([], [], color="tab:gray", label="unaligned start")
-    ax.bar([], [], color="tab:green", label="aligned start (pfa_fx.mirror)")
-    ax.plot([], [], color="black", lw=1, label="after the first tenth of the steps")
-    ax.legend(fontsize=7, loc="upper left")
+    values = [v for r in rows.values() for v in (r["final_bpb"], r["bpb_after_first_tenth"])]
+    ax.set_ylim(min(values) * 0.9, max(values) * 1.3)  # room above the bars for the legend
+    handles = [
+        Patch(color="tab:gray", label="unaligned start"),
+        Patch(color="tab:green", label="aligned start (pfa_fx.mirror)"),
+        Line2D([], [], color="black", lw=1, label="after the first tenth of the steps"),
+        Line2D([], [], color="tab:red", ls="--", lw=1, label=f"pretrained, before fine-tuning ({before:.2f})"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", ncol=2)
     ax.set_title("Fine-tuning a backprop-pretrained byte-level Llama with each rule")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

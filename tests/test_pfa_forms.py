@@ -1,7 +1,7 @@
 """PFA five ways, one trajectory: the paper's population form (explicit error units ē,
 written here independently as the oracle), and the library's explicit R and compact S
 states, each through both backward routes (product: W_b built once per step; population:
-the error mixed per position). DESIGN.md §3."""
+the error mixed per position). docs/design.md, sections 'Backward routes' and 'Compact PFA and optimizers'."""
 
 import copy
 
@@ -244,3 +244,9 @@ def test_sparse_B_population_product_and_compact_forms_give_the_same_trajectory(
             assert (W - W_pop).norm() <= 1e-9 * W_pop.norm(), (name, k)
             node = dict(pfa_fx.feedback_modules(model))[k]
             assert (node.feedback_weight() - Wb_pop).norm() <= 1e-9 * Wb_pop.norm(), (name, k)
+
+
+def test_compact_state_below_expansion_one_is_refused_with_the_valid_forms():
+    with pytest.raises(pfa_fx.ConversionError, match="compact=True needs expansion >= 1"):
+        pfa_fx.convert(nn.Sequential(nn.Linear(8, 16)), "pfa", compact=True, expansion=0.5)
+    pfa_fx.convert(nn.Sequential(nn.Linear(8, 16)), "pfa", expansion=0.5)  # explicit R: a bottleneck is fine

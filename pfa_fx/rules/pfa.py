@@ -10,8 +10,12 @@ block-diagonal over groups, so feedback never crosses a group.
 ``W_b = G·S`` with ``grad_S = grad_W``. Every update to ``R`` lies in the range of ``B^T``,
 so under SGD-family optimizers (momentum, nesterov, dampening, L2 weight decay, any
 schedule) ``G·S`` equals ``B·R`` at every step, with ``|W| + n_out^2`` memory and no
-dependence on the expansion. Under Adam/RMSprop it is a different rule: use the explicit
-``R`` there (DESIGN.md §3). So it is under ``torch.nn.utils.clip_grad_norm_(model.parameters())``,
+dependence on the expansion. Under Adam/AdamW/RMSprop it is a different rule, and the one
+pfa_fx supports there: with ``S`` in W's parameter group ``S`` and W take equal steps, so
+``S - W`` only decays and ``G·S -> B·Bᵀ·W`` (Kolen–Pollack's dynamics seen through ``G``; not a
+local rule for an explicit ``R``, which Adam would normalise row by row and drive past W):
+docs/alignment.md and docs/design.md, section 'Compact PFA and optimizers'. A step that moves
+``S`` with other hyperparameters than its W warns. So it is under ``torch.nn.utils.clip_grad_norm_(model.parameters())``,
 whose norm counts ``S``'s gradient (``R``'s has another norm); ``pfa_fx.clip_grad_norm_(model,
 max_norm)`` takes the factor from the model's own gradients and applies it to both, which
 keeps ``G·S`` equal to ``B·R``.
@@ -275,6 +279,12 @@ class PFANode(SGDImplicit, FeedbackNode):
         if self.compact:
             G = B @ B.transpose(1, 2)
             G = (G + G.transpose(1, 2)) / 2  # exactly symmetric: the error-side mix uses G for G^T
+            if nbar_g < out_g and self.density == 1.0:  # rank n̄ < n_out: S0 = G⁻¹·B·R0 does not exist
+                raise ConversionError(
+                    f"{self.rule}: compact=True needs expansion >= 1 (G = B·Bᵀ is singular with {nbar_g} error "
+                    f"units for {out_g} output units per group); raise expansion to 1 or more, or use "
+                    "compact=False (explicit R accepts a bottleneck)"
+                )
             if self.density < 1.0:
                 self._check_conditioning(G, nbar_g)
             BR = torch.bmm(B, self._grouped(R.double()))
