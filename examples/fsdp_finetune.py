@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pfa_fx
-from pfa_fx.registry import is_feedback_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_rules  # the byte-level corpus and model of the LM example
@@ -173,7 +172,7 @@ def held_numbers(model: nn.Module) -> dict[str, int]:
     saved = set(model.state_dict())  # buffers that are state (not a redraw's layout probe)
     buffers = [(n, b) for n, b in model.named_buffers() if n in saved]
     for name, t in [*model.named_parameters(), *buffers]:
-        kind = "feedback" if is_feedback_path(name) else "weights"
+        kind = "feedback" if pfa_fx.is_feedback_path(name) else "weights"
         local = t.to_local() if hasattr(t, "to_local") else t
         out[f"{kind}_local"] += local.numel()
         out[f"{kind}_total"] += t.numel()

@@ -18,10 +18,10 @@ from .metrics import (
     floor_alignment,
     gradient_alignment,
 )
-from .node import FeedbackNode
+from .node import FeedbackNode, units_gathered
 from .optim import DecayBurst, param_groups
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
-from .registry import feedback_modules
+from .registry import feedback_modules, is_feedback_path
 from .report import ConversionReport, report
 from .rules import RULES, mirror, step_feedback
 
@@ -48,10 +48,12 @@ __all__ = [
     "floor_alignment",
     "gradient_alignment",
     "hf",
+    "is_feedback_path",
     "mirror",
     "model_parameters",
     "op_names",
     "param_groups",
     "report",
     "step_feedback",
+    "units_gathered",
 ]

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import pfa_fx
+
 
 @dataclass
 class Dist:
@@ -135,13 +137,12 @@ def fsdp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     forward (FSDP2 gathers a unit's weights in its pre-forward hook); feedback nodes are
     left to their owner's unit, whose forward runs their ops (a node of the root stays with
     the root)."""
-    from pfa_fx.node import FeedbackNode
 
     def units(prefix: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
         out = []
         for name, child in m.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, FeedbackNode) or next(child.parameters(), None) is None:
+            if isinstance(child, pfa_fx.FeedbackNode) or next(child.parameters(), None) is None:
                 continue
             if type(child) in (nn.Sequential, nn.ModuleList) and not child._parameters:
                 out += units(path, child)
@@ -174,9 +175,7 @@ def full_weights(model: nn.Module, d: Dist) -> Iterator[None]:
     tensors) inside the block, and its shards again after: for code that reads parameters
     outside a forward (``pfa_fx.alignment``: ``node.weight``, ``node.feedback_weight()``).
     A collective: every rank enters it, even where only rank 0 reads. Without FSDP, nothing."""
-    from pfa_fx.node import units_gathered
-
-    with units_gathered(model) if d.fsdp else contextlib.nullcontext():
+    with pfa_fx.units_gathered(model) if d.fsdp else contextlib.nullcontext():
         yield
 
 
