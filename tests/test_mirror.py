@@ -150,3 +150,19 @@ def test_floor_alignment_is_the_angle_of_b_bt_w(trained, opts):
     ortho = pfa_fx.floor_alignment(pfa_fx.convert(trained, "pfa-o"))
     assert all(a < 1e-5 for a in ortho.values())
     assert pfa_fx.floor_alignment(pfa_fx.convert(trained, "kp")) == {}
+
+
+@pytest.mark.parametrize(("rule", "opts"), [("kp", {}), ("pfa", {"expansion": 2}), ("pal", {})])
+def test_constant_schedule_steps_applied_at_once_equal_steps_applied_one_by_one(trained, rule, opts):
+    """A call's steps are applied as one update (the targets are linear in the estimate):
+    three one-step calls (the draw count goes on between calls) give the state one
+    three-step call gives."""
+    one_by_one, at_once = pfa_fx.convert(trained, rule, **opts), pfa_fx.convert(trained, rule, **opts)
+    for _ in range(3):
+        pfa_fx.mirror(one_by_one, steps=1, schedule="constant", batch=8)
+    pfa_fx.mirror(at_once, steps=3, schedule="constant", batch=8)
+    a, b = dict(pfa_fx.feedback_modules(one_by_one)), dict(pfa_fx.feedback_modules(at_once))
+    fresh = dict(pfa_fx.feedback_modules(pfa_fx.convert(trained, rule, **opts)))
+    for k in a:
+        torch.testing.assert_close(a[k].feedback_weight(), b[k].feedback_weight(), rtol=1e-9, atol=1e-12)
+        assert not torch.equal(a[k].feedback_weight(), fresh[k].feedback_weight())  # the steps moved it

@@ -77,13 +77,14 @@ def fan_in(node: FeedbackNode, weight: Tensor) -> int:
     return weight.shape[0] // node.groups if node.transposed else weight[0].numel()
 
 
-def noise_estimate(node: FeedbackNode, batch: int) -> Tensor:
+def noise_estimate(node: FeedbackNode, batch: int, weight: Tensor | None = None) -> Tensor:
     """``Ŵ = KGrad(ξ, L_W ξ) / batch`` with unit noise from the op's own stream: ``E[Ŵ] = W``.
 
     Weight mirror and PAL draw from their own noise stream, whose draw count ``state_dict``
     saves; the other rules from a stream seeded by ``(seed, op name, draw)`` whose count is
     not saved (a reloaded model's next :func:`mirror` starts that count again)."""
-    weight = gathered(node.weight)  # sharded between steps under FSDP2: every rank draws the same
+    if weight is None:
+        weight = gathered(node.weight)  # sharded between steps under FSDP2: every rank draws the same
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     shape = (node.groups, batch, fan_in(node, weight))
     draw = getattr(node, "mirror_noise", None)
@@ -151,15 +152,32 @@ def mirror(model: nn.Module, steps: int = 1, *, schedule: str = "average", batch
             stacklevel=2,
         )
         return 0
-    for t in range(steps):
-        for node in nodes:
-            if schedule == "constant" and batch is None and getattr(node, "mirrors_after_step", False):
+    for node in nodes:  # op by op (each has its own noise stream): one W-sized accumulator at a time
+        if schedule == "constant" and batch is None and getattr(node, "mirrors_after_step", False):
+            for _ in range(steps):
                 node.mirror_step()  # weight mirror's own step, bit for bit
-                continue
-            rate = 1.0 / (t + 1) if schedule == "average" else getattr(node, "mirror_rate", RATE)
-            n = batch if batch is not None else getattr(node, "mirror_batch", BATCH)
-            node.mirror_update(noise_estimate(node, n), rate)
+            continue
+        _relax_from_noise(node, steps, schedule, batch if batch is not None else getattr(node, "mirror_batch", BATCH))
     return len(nodes)
+
+
+def _relax_from_noise(node: FeedbackNode, steps: int, schedule: str, batch: int) -> None:
+    """``steps`` relaxations of the node's state toward its rule's target for the step's noise
+    estimate, applied at once: every rule's target is linear in the estimate (``Ŵ``, ``Bᵀ·Ŵ``)
+    and the relaxation is linear in both, so after the steps ``P = c·P0 + target(M)`` with
+    ``c = ∏(1 - r_t)`` and ``M`` the estimates relaxed the same way from zero, which one update
+    ``P <- (1 - (1 - c))·P + (1 - c)·target(M / (1 - c))`` gives. The rule's update (for PFA a
+    ``Bᵀ`` product ``expansion·n_out`` times the size of W) then runs once, not per step."""
+    if steps == 0:
+        return
+    weight = gathered(node.weight)  # gathered once per op under FSDP2 (every rank, in op order)
+    M, keep = None, 1.0
+    for t in range(steps):
+        rate = 1.0 / (t + 1) if schedule == "average" else getattr(node, "mirror_rate", RATE)
+        estimate = noise_estimate(node, batch, weight)
+        M = estimate.mul_(rate) if M is None else M.mul_(1.0 - rate).add_(estimate, alpha=rate)
+        keep *= 1.0 - rate
+    node.mirror_update(M / (1.0 - keep), 1.0 - keep)
 
 
 __all__ = ["BATCH", "RATE", "SCHEDULES", "as_maps", "fan_in", "mirror", "noise_estimate", "noise_response", "relax"]
