@@ -323,22 +323,31 @@ def _check_strict(
         kwargs = export.example_kwargs(converted, example_inputs)
         left = eager.left_on_backprop(converted, kwargs, installer.kept_native) if kwargs is not None else {}
     on_bp = [f"{p}: {why}" for p, why in left.items()]
-    if not strict:
-        if on_bp:
-            warnings.warn(
-                "pfa_fx: these parameters stay on BP as operands of a matrix product (map their ops to None "
-                "to keep them native on purpose; strict=True makes this an error):\n  " + "\n  ".join(on_bp),
-                UserWarning,
-                stacklevel=3,
-            )
-        return
-    problems = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()] + on_bp
+    others = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()]
     made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
     for h in hidden_weights(root, ""):
         if h.key not in made and not h.key.startswith(NAMESPACE) and h.param_path not in left:
-            problems.append(f"{h.param_path}: never reached by a converted op")
-    if problems:
-        raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
+            others.append(f"{h.param_path}: never reached by a converted op")
+    if strict:
+        problems = others + on_bp
+        if problems:
+            raise ConversionError("strict=True: these weight ops would stay on BP:\n  " + "\n  ".join(problems))
+        return
+    # without strict, everything strict would refuse is said, never silently left on BP
+    if on_bp:
+        warnings.warn(
+            "pfa_fx: these parameters stay on BP as operands of a matrix product (map their ops to None "
+            "to keep them native on purpose; strict=True makes this an error):\n  " + "\n  ".join(on_bp),
+            UserWarning,
+            stacklevel=3,
+        )
+    if others:
+        warnings.warn(
+            "pfa_fx: these weight ops stay on BP (map them to None to keep them native on purpose; "
+            "strict=True makes this an error):\n  " + "\n  ".join(others),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 __all__ = ["convert", "op_names"]
