@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fb = f"{h['feedback_local']:,}/{h['feedback_total']:,}" if h["feedback_total"] else "-"
                 print(f"{r:>4}  {w:>22}  {fb:>23}  {h['peak_mib']:9.1f}  ({h['growth_mib']:.1f})")
         finite = all(math.isfinite(v) for v in losses)
+        # every rank out of its last collective before gloo's teardown: a rank destroying the
+        # group while the other still finished one aborted at exit now and then (SIGABRT)
+        dist.barrier()
         return {"losses": losses, "held": rows, "finite": finite}
     finally:
         dist.destroy_process_group()
