@@ -49,10 +49,9 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from .params import _feedback_ids
+from .params import _feedback_ids, scale_as_clipped
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import Trainer
@@ -121,24 +120,11 @@ def _replace_clipping(trainer: Trainer) -> None:
         total = native([p for p in params if id(p) not in feedback_ids], max_norm, norm_type=norm_type)
         grads = [p for p in feedback if p.grad is not None]
         if total is not None and grads and not math.isinf(max_norm):
-            _scale_as_clipped(grads, max_norm, total)
+            scale_as_clipped(grads, max_norm, total)
         return total
 
     setattr(clip_grad_norm_, _EXACT, True)
     accelerator.clip_grad_norm_ = clip_grad_norm_
-
-
-def _scale_as_clipped(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
-    """Scale the gradients by the factor torch's clipping applies for ``total``:
-    ``min(1, max_norm / (total + 1e-6))``."""
-    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6, DTensor-aware
-    if clip is not None:
-        clip(params, max_norm, total)
-        return
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    with torch.no_grad():
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.device))
 
 
 __all__ = ["exact_clipping"]

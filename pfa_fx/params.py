@@ -58,13 +58,22 @@ def clip_grad_norm_(
     """
     own = [p for p in model_parameters(model) if p.grad is not None]
     total = torch.nn.utils.clip_grad_norm_(own, max_norm, norm_type, error_if_nonfinite, foreach)
-    # the factor torch's clip_grad_norm_ just applied, computed the same way
+    scale_as_clipped([p for p in feedback_parameters(model) if p.grad is not None], max_norm, total)
+    return total
+
+
+def scale_as_clipped(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients of ``params`` by the factor torch's clipping applies for the norm
+    ``total``, ``min(1, max_norm / (total + 1e-6))``: the feedback state follows the clip
+    its weights got."""
+    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6, DTensor-aware
+    if clip is not None:
+        clip(params, max_norm, total)
+        return
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     with torch.no_grad():
-        for p in feedback_parameters(model):
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-    return total
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.device))
 
 
 __all__ = ["clip_grad_norm_", "feedback_parameters", "model_parameters"]
