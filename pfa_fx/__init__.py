@@ -2,11 +2,16 @@
 
 ``pfa_fx.convert(model, rule="pfa")`` rewrites every weight op of a model (a torch.fx
 pass) into a feedback-aware op: identical forward, backward through the rule's feedback
-weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``.
+weights. Rules: ``bp``, ``fa``, ``dfa``, ``sf``, ``kp``, ``wm``, ``pal``, ``pfa``, ``pfa-o``,
+each with a typed config (``pfa_fx.PFA(expansion=10, compact=True)``), and your own with
+:func:`register_rule`.
 """
+
+__version__ = "0.1.0"
 
 from . import hf
 from .checkpoint import conversion_config
+from .config import RuleConfig
 from .convert import convert, op_names
 from .errors import ConversionError, ConversionTypeError, TraceError
 from .graph_module import ConvertedModule
@@ -18,17 +23,26 @@ from .metrics import (
     floor_alignment,
     gradient_alignment,
 )
-from .node import FeedbackNode, units_gathered
+from .node import FeedbackNode
 from .optim import DecayBurst, param_groups
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
 from .registry import feedback_modules, is_feedback_path
 from .report import ConversionReport, report
-from .rules import RULES, mirror, step_feedback
-
-__version__ = "0.1.0"
+from .rules import BP, DFA, FA, KP, PAL, PFA, PFAO, PRESETS, RULES, SF, WM, mirror, register_rule, step_feedback
+from .sharding import units_gathered
 
 __all__ = [
+    "BP",
+    "DFA",
+    "FA",
+    "KP",
+    "PAL",
+    "PFA",
+    "PFAO",
+    "PRESETS",
     "RULES",
+    "SF",
+    "WM",
     "AlignmentLogger",
     "ConversionError",
     "ConversionReport",
@@ -36,6 +50,7 @@ __all__ = [
     "ConvertedModule",
     "DecayBurst",
     "FeedbackNode",
+    "RuleConfig",
     "TraceError",
     "alignment",
     "angle_and_norm_ratio",
@@ -53,6 +68,7 @@ __all__ = [
     "model_parameters",
     "op_names",
     "param_groups",
+    "register_rule",
     "report",
     "step_feedback",
     "units_gathered",

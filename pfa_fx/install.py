@@ -13,21 +13,32 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .config import RuleConfig
 from .errors import ConversionError
 from .mapping import RuleSpec, resolve_spec
 from .node import FeedbackNode, seeded_generator
 from .registry import NAMESPACE, bind_flat, feedback_modules, owner_slot, place_node
-from .rules import rule_class
+from .rules import config_for, node_class_of, rule_class
 from .weights import HiddenWeight
 
 
 def make_node(
-    rule: str, opts: dict[str, Any], weight: torch.Tensor, groups: int, seed: int, key: str, transposed: bool = False
+    rule: RuleConfig | str,
+    opts: Mapping[str, Any],
+    weight: torch.Tensor,
+    groups: int,
+    seed: int,
+    key: str,
+    transposed: bool = False,
 ) -> FeedbackNode:
-    """The node of ``rule`` for one weight, with the options that rule accepts."""
-    cls = rule_class(rule)
-    accepted = {k: v for k, v in opts.items() if k in cls.options}
-    node = cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, **accepted)
+    """The node of ``rule`` (a config, or a name with ``opts``, of which the options the rule
+    accepts are taken) for one weight, its state drawn from ``(seed, key)``."""
+    if not isinstance(rule, RuleConfig):
+        accepted = rule_class(rule).config_type.option_names()
+        rule = config_for(rule, {k: v for k, v in opts.items() if k in accepted})
+    config = rule
+    cls = node_class_of(config)
+    node = cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, config=config)
     node.seed = seed  # what the node's draws came from: saved with checkpoints, checked on load
     return node
 
@@ -80,11 +91,10 @@ class FeedbackInstaller:
                 )
             return node
         self.owners[key] = owner
-        resolved = resolve_spec(self.spec, key, owner)
+        config = resolve_spec(self.spec, key, owner, self.options)
         node = None
-        if resolved is not None:
-            rule, opts = resolved
-            node = make_node(rule, {**self.options, **opts}, weight, groups, self.seed, key, transposed)
+        if config is not None:
+            node = make_node(config, {}, weight, groups, self.seed, key, transposed)
             node.op_name = key
             node.conversion_path = path or self.path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""

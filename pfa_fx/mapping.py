@@ -1,8 +1,10 @@
 """The rule mapping: which rule, with which options, each weight op gets.
 
-``rule`` is a rule name for every op, or a mapping from op-name patterns (``fnmatch``) or
-module types to a rule name, ``(name, options)`` or ``None`` (the op stays native); the
-first matching entry wins, as ``torch.ao.quantization``'s per-name and per-type configs do.
+``rule`` is a rule config (``pfa_fx.PFA(expansion=2)``) or name for every op, or a mapping
+from op-name patterns (``fnmatch``) or module types to a config, a rule name,
+``(name, options)`` or ``None`` (the op stays native); the first matching entry wins, as
+``torch.ao.quantization``'s per-name and per-type configs do. Every form resolves to a
+:class:`~pfa_fx.RuleConfig` per op.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from typing import Any, Union
 
 from torch import nn
 
+from .config import RuleConfig, check_store_feedback
 from .errors import ConversionError, did_you_mean, short_list
-from .node import check_store_feedback
-from .rules import canonical_rule, rule_class
+from .rules import canonical_rule, config_for, node_class_of, rule_class
 
-RuleSpec = Union[str, tuple[str, Mapping[str, Any]], None]
+RuleSpec = Union[RuleConfig, str, tuple[str, Mapping[str, Any]], None]
+
+#: convert's own keywords: an unknown rule option close to one of them is pointed there
+CONVERT_KEYWORDS = ("seed", "fallback", "strict", "capture", "example_inputs")
 
 
 def _entry_matches(pattern: str | type, key: str, owner: nn.Module | None) -> bool:
@@ -28,20 +33,25 @@ def _entry_matches(pattern: str | type, key: str, owner: nn.Module | None) -> bo
     return fnmatch.fnmatchcase(key, pattern)
 
 
+def _config(value: RuleConfig | str | tuple, options: Mapping[str, Any]) -> RuleConfig:
+    """A mapping value (or the whole rule) as a config: ``options`` (convert's keyword
+    options) apply to the names that accept them, under an entry's own options."""
+    if isinstance(value, RuleConfig):
+        return config_for(value)
+    name, own = (value, {}) if isinstance(value, str) else value
+    accepted = rule_class(name).config_type.option_names()
+    return config_for(name, {**{k: v for k, v in options.items() if k in accepted}, **own})
+
+
 def resolve_spec(
-    spec: str | Mapping[Any, RuleSpec], key: str, owner: nn.Module | None
-) -> tuple[str, dict[str, Any]] | None:
-    """The (rule, options) for the op named ``key``; None keeps the op native."""
-    if isinstance(spec, str):
-        return canonical_rule(spec), {}
+    spec: RuleConfig | str | Mapping[Any, RuleSpec], key: str, owner: nn.Module | None, options: Mapping[str, Any]
+) -> RuleConfig | None:
+    """The config for the op named ``key``; None keeps the op native."""
+    if not isinstance(spec, Mapping):
+        return _config(spec, options)
     for pattern, value in spec.items():
         if _entry_matches(pattern, key, owner):
-            if value is None:
-                return None
-            if isinstance(value, str):
-                return canonical_rule(value), {}
-            name, opts = value
-            return canonical_rule(name), dict(opts)
+            return None if value is None else _config(value, options)
     return None
 
 
@@ -112,6 +122,15 @@ def mapping_problems(spec: Any, ops: Mapping[str, nn.Module | None]) -> list[str
 
 def check_spec(spec: Any, options: Mapping[str, Any]) -> None:
     """Refuse a rule, mapping or option that names nothing valid, listing what is."""
+    if isinstance(spec, RuleConfig):
+        node_class_of(spec)
+        if options:
+            raise ConversionError(
+                f"{type(spec).__name__} holds its rule's options: give them to it (e.g. "
+                f"{type(spec).__name__}({next(iter(options))}=...); valid options: {', '.join(spec.option_names()) or 'none'}), "
+                f"not to convert; got {', '.join(map(repr, options))}"
+            )
+        return
     if isinstance(spec, str):
         names = [canonical_rule(spec)]
     elif isinstance(spec, Mapping):
@@ -119,7 +138,9 @@ def check_spec(spec: Any, options: Mapping[str, Any]) -> None:
         for pattern, value in spec.items():
             if not isinstance(pattern, (str, type)):
                 raise ConversionError(f"rule mapping keys are name patterns or module types, got {pattern!r}")
-            if value is None:
+            if value is None or isinstance(value, RuleConfig):
+                if value is not None:
+                    node_class_of(value)
                 continue
             if isinstance(value, str):
                 names.append(canonical_rule(value))
@@ -128,10 +149,12 @@ def check_spec(spec: Any, options: Mapping[str, Any]) -> None:
                 _check_options(names[-1], value[1], [names[-1]])
             else:
                 raise ConversionError(
-                    f"rule for {pattern!r} must be a rule name, (name, options) or None; got {value!r}"
+                    f"rule for {pattern!r} must be a rule config, a rule name, (name, options) or None; got {value!r}"
                 )
     else:
-        raise ConversionError(f"rule must be a rule name or a mapping of patterns to rules, got {spec!r}")
+        raise ConversionError(
+            f"rule must be a rule config (e.g. pfa_fx.PFA()), a rule name or a mapping of patterns to rules, got {spec!r}"
+        )
     _check_options(None, options, names)
 
 
@@ -150,10 +173,21 @@ def _check_options(owner: str | None, options: Mapping[str, Any], names: list[st
     for opt in options:
         if opt not in valid:
             which = f"rule {owner!r}" if owner else f"rule(s) {', '.join(sorted(set(names)))}"
-            listed = ", ".join(sorted(valid)) or "none"
-            raise ConversionError(
-                f"unknown option {opt!r} for {which}; valid options: {listed}{did_you_mean(opt, sorted(valid))}"
-            )
+            raise ConversionError(_unknown_option(opt, which, sorted(valid), entry=owner is not None))
+
+
+def _unknown_option(opt: str, which: str, valid: Any, entry: bool = False) -> str:
+    """The refusal of an unknown option, pointing at convert's own keywords where it is
+    close to one of them (``captur`` -> ``capture=``)."""
+    if " " not in which:
+        which = f"rule {which!r}"
+    listed = ", ".join(valid) or "none"
+    hint = did_you_mean(opt, valid)
+    if not hint and not entry:
+        close = did_you_mean(opt, CONVERT_KEYWORDS)
+        if close:
+            hint = f"{close[:-1]} (a keyword of pfa_fx.convert itself, not a rule option)?"
+    return f"unknown option {opt!r} for {which}; valid options: {listed}{hint}"
 
 
 __all__ = ["RuleSpec", "check_spec", "mapping_problems", "resolve_spec"]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _ntuple
 
+from .errors import ConversionError
 from .node import FeedbackNode
 
 # Bound once: pfa_fx.capture.intercept may patch torch.nn.functional's names while opaque code runs.
@@ -160,7 +161,7 @@ class _FeedbackLinear(torch.autograd.Function):
         x, weight, *state = ctx.saved_tensors
         nx, nw, nb, _, *ns = ctx.needs_input_grad  # nb: a bias was given and wants its gradient
         need = _NEEDS[nx, nw, nb, any(ns)]
-        gx, gw, gb, gs = ctx.node.run_backward(LinearFamily, e, x, weight, tuple(state), need)
+        gx, gw, gb, gs = run_backward(ctx.node, LinearFamily, e, x, weight, tuple(state), need)
         return gx, gw if nw else None, gb, None, *gs
 
 
@@ -188,7 +189,7 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, node: Feedba
         if node.noisy:
             return node.noisy_forward(LinearFamily, lambda t, b: _LINEAR(t, weight, bias if b else None), x, weight)
         return _LINEAR(x, weight, bias)
-    node.note_weight(weight)
+    note_weight(node, weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
@@ -285,7 +286,7 @@ class _FeedbackConv(torch.autograd.Function):
         x, weight, *state = ctx.saved_tensors
         nx, nw, nb, _, _, *ns = ctx.needs_input_grad  # nb: a bias was given and wants its gradient
         need = _NEEDS[nx, nw, nb, any(ns)]
-        gx, gw, gb, gs = ctx.node.run_backward(ctx.family, e, x, weight, tuple(state), need)
+        gx, gw, gb, gs = run_backward(ctx.node, ctx.family, e, x, weight, tuple(state), need)
         return gx, gw if nw else None, gb, None, None, *gs
 
 
@@ -385,7 +386,7 @@ def feedback_conv(
     family = _family(node, weight, bias, (stride, padding, dilation, groups, None))
     if family.pre_pad is not None:
         x = F.pad(x, family.pre_pad)
-    node.note_weight(weight)
+    note_weight(node, weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
@@ -411,12 +412,37 @@ def feedback_conv_transpose(
             return _noisy_conv(x, weight, bias, node, (stride, padding, dilation, groups, output_padding))
         return _CONV_T[weight.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
     family = _family(node, weight, bias, (stride, padding, dilation, groups, output_padding))
-    node.note_weight(weight)
+    note_weight(node, weight)
     if node.records_input:
         node.record_input(x)
     if _autocast_on() or _transforms_on():
         return _apply_slow(_CONV_FNS, x, weight, bias, node, family, *node.state())
     return _FeedbackConv.apply(x, weight, bias, node, family, *node.state())
+
+
+def run_backward(node: FeedbackNode, family, e: Tensor, x: Tensor, weight: Tensor, state: tuple, need: Need):
+    """What an op's backward calls: the rule's backward, or BP's inside ``pfa_fx.backprop_mode``."""
+    if node.as_backprop:
+        gx, gw, gb = family.fused(e, x, weight, need.x, need.w, need.b)
+        return gx, gw, gb, (None,) * len(state)
+    return node.backward(family, e, x, weight, state, need)
+
+
+def note_weight(node: FeedbackNode, weight: Tensor) -> None:
+    """Keep the weight an op was called with where it is not the parameter itself (computed,
+    e.g. StdConv; transposed; replaced), for ``node.weight``. A plain parameter is not kept:
+    ``node.weight`` reads it anyway, and under torch.compile the write would be one graph
+    output per op. Straight into ``__dict__`` (``nn.Module.__setattr__`` would cost more than
+    the rest of the call)."""
+    if weight is not node._weight_ref[0]:
+        if hasattr(weight, "device_mesh"):  # rare branch: the check costs the hot path nothing
+            raise ConversionError(
+                f"op '{node.op_name}' received a sharded (DTensor) weight: its model was converted by a "
+                f"graph front end ({getattr(node, 'conversion_path', 'graph')}), whose graph reads weights "
+                "without calling their modules, so FSDP2's per-module fully_shard never gathers them. "
+                "Convert with pfa_fx.convert(model, ..., capture='modules') to shard per block"
+            )
+        node.__dict__["_last_weight"] = weight.detach()
 
 
 #: the ops a converted graph calls
@@ -426,121 +452,3 @@ OP_FUNCTIONS = (feedback_linear, feedback_conv, feedback_conv_transpose)
 #: so that the graph breaks cleanly at the call instead of failing inside the op and
 #: recompiling it per shape
 BETWEEN_GRAPHS = {f: torch.compiler.disable(f) for f in OP_FUNCTIONS}
-
-
-# ------------------------------------------------------------- expert-mixed kernels
-class _FeedbackExpertMix(torch.autograd.Function):
-    """``routing @ bank``: per-sample kernels mixed from a bank of expert kernels (timm's
-    CondConv). The error reaching the routing runs through the bank's feedback instead of
-    the bank; the bank's gradient is BP's (``routing^T g``) and feeds the rule's update.
-    The conv that consumes the mixed kernels finds this node through its weight's
-    ``grad_fn`` and sends its error down through the same mix of feedback kernels."""
-
-    @staticmethod
-    def forward(ctx, routing, bank, node, *state):
-        _FeedbackExpertMix._keep(ctx, routing, bank, node, state)
-        return torch.matmul(routing, bank)
-
-    @staticmethod
-    def _keep(ctx, routing, bank, node, state) -> None:
-        ctx.save_for_backward(routing, bank, *state)
-        ctx.node = node
-        ctx.pfa_expert_mix = True
-        ctx.feedback_bank = None  # built once per step, by whichever backward needs it first
-
-    @staticmethod
-    def feedback_kernels(ctx) -> Tensor:
-        """``routing @ feedback_bank``: the per-sample feedback kernels, flat."""
-        routing, bank, *state = ctx.saved_tensors
-        return torch.matmul(routing, _feedback_bank(ctx, bank, state))
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        routing, bank, *state = ctx.saved_tensors
-        node = ctx.node
-        n_routing, n_bank, _, *n_state = ctx.needs_input_grad
-        if node.as_backprop:
-            fb = bank
-        else:
-            fb = _feedback_bank(ctx, bank, state)
-        grad_r = torch.matmul(g, fb.transpose(-1, -2)) if n_routing else None
-        grad_bank = None
-        if n_bank or any(n_state):
-            g2, r2 = g.reshape(-1, g.shape[-1]), routing.reshape(-1, routing.shape[-1])
-            grad_bank = r2.t().mm(g2)
-        gs: tuple = (None,) * len(state)
-        if any(n_state) and not node.as_backprop:
-            gs = tuple(
-                s if s is None else s.reshape(t.shape)
-                for s, t in zip(node.state_grads(grad_bank.reshape(node.weight_shape), tuple(state)), state)
-            )
-        return grad_r, grad_bank if n_bank else None, None, *gs
-
-
-class _FeedbackExpertMixFunc(_FeedbackExpertMix):
-    """The same op with ``setup_context``, the form ``torch.func`` transforms accept."""
-
-    @staticmethod
-    def forward(routing, bank, node, *state):  # type: ignore[override]
-        return torch.matmul(routing, bank)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        routing, bank, node, *state = inputs
-        _FeedbackExpertMix._keep(ctx, routing, bank, node, tuple(state))
-
-
-_EXPERT_MIX_FNS = (_FeedbackExpertMix, _FeedbackExpertMixFunc)
-
-
-def _feedback_bank(ctx, bank: Tensor, state) -> Tensor:
-    if ctx.feedback_bank is None:
-        node = ctx.node
-        fb = node.feedback_from(bank.reshape(node.weight_shape), tuple(state))
-        ctx.feedback_bank = fb.reshape(bank.shape)
-    return ctx.feedback_bank
-
-
-def feedback_expert_mix(routing: Tensor, bank: Tensor, node: FeedbackNode) -> Tensor:
-    """``torch.matmul(routing, bank)`` for a bank of expert kernels ``(experts, k)`` whose
-    node holds their feedback state (W's shape ``(experts·out, in/g, *k)``)."""
-    if not _wants_grad(routing, bank, None, node):
-        return torch.matmul(routing, bank)
-    node.note_weight(bank.reshape(node.weight_shape))
-    return _apply_slow(_EXPERT_MIX_FNS, routing, bank, node, *node.state())
-
-
-def expert_mix_of(weight: Tensor, max_nodes: int = 8):
-    """The ``_FeedbackExpertMix`` autograd node a (reshaped) conv kernel comes from, or None."""
-    fn, seen = weight.grad_fn, 0
-    while fn is not None and seen < max_nodes:
-        if getattr(fn, "pfa_expert_mix", False):
-            return fn
-        nxt = [f for f, _ in fn.next_functions if f is not None]
-        if len(nxt) != 1:  # only views/reshapes lie between the mix and the conv
-            return None
-        fn, seen = nxt[0], seen + 1
-    return None
-
-
-class PerSampleKernelFeedback(FeedbackNode):
-    """Feedback of a conv whose kernel is an expert mix: ``W_b`` is the same mix of the
-    experts' feedback kernels. Holds no state; built per call by the interception."""
-
-    rule = "expert-mix"
-
-    def __init__(self, weight: Tensor, mix) -> None:
-        super().__init__(weight, groups=1, generator=None)  # type: ignore[arg-type]
-        self._mix = mix
-
-    @property
-    def as_backprop(self) -> bool:  # follows the bank's node (pfa_fx.backprop_mode)
-        mix = self.__dict__.get("_mix")
-        return bool(mix is not None and mix.node.as_backprop)
-
-    @as_backprop.setter
-    def as_backprop(self, value: bool) -> None:
-        pass
-
-    def feedback_from(self, weight: Tensor, state: tuple[Tensor, ...]) -> Tensor:
-        return _FeedbackExpertMix.feedback_kernels(self._mix).reshape(weight.shape)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pfa_fx
-from pfa_fx.rules.pfa import sparse_feedback_mask
+from pfa_fx.rules.pfa_parts import sparse_feedback_mask
 from pfa_fx.theory import feedback_gram
 
 DT = torch.float64

@@ -13,7 +13,7 @@ from torch import nn
 
 import pfa_fx
 from pfa_fx.errors import ConversionError, ConversionTypeError
-from pfa_fx.node import CastTrail, gaussian_pieces
+from pfa_fx.draws import CastTrail, gaussian_pieces
 
 # name -> (rule, options) of every conversion that redraws something under store_feedback=False
 CASES: dict[str, tuple[str, dict]] = {

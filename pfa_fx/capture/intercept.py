@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .. import ops
+from .. import expert_ops, ops
 from ..node import FeedbackNode
 
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -93,7 +93,7 @@ def _route_matmul(func: Callable, args: tuple, kwargs: dict, routes: dict[int, F
         (x, w), bias = args, None
         node = routes.get(id(w)) if func is torch.matmul and isinstance(w, Tensor) else None
         if node is not None and getattr(node, "expert_bank", False):
-            return ops.feedback_expert_mix(x, w, node)
+            return expert_ops.feedback_expert_mix(x, w, node)
     else:
         return func(*args, **kwargs)
     hit = _matmul_weight(w, routes)
@@ -109,9 +109,9 @@ def _route_call(func: Callable, args: tuple, kwargs: dict, routes: dict[int, Fee
     bound = dict(zip(names, args))
     bound.update(kwargs)
     weight = bound.get("weight")
-    mix = ops.expert_mix_of(weight) if func in _CONV and isinstance(weight, Tensor) else None
+    mix = expert_ops.expert_mix_of(weight) if func in _CONV and isinstance(weight, Tensor) else None
     if mix is not None:  # per-sample kernels mixed from a routed expert bank
-        node: FeedbackNode | None = ops.PerSampleKernelFeedback(weight, mix)
+        node: FeedbackNode | None = expert_ops.PerSampleKernelFeedback(weight, mix)
     else:
         node = _source_node(weight, routes) if isinstance(weight, Tensor) else None
         if node is None or tuple(weight.shape) != node.weight_shape or node.transposed != (func in _CONV_T):

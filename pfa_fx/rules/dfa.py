@@ -74,13 +74,16 @@ Others raise naming the op.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConversionError, did_you_mean
-from ..node import FeedbackNode, check_store_feedback, derived_seed
+from ..config import RuleConfig, check_choice, check_scale, check_store_feedback
+from ..draws import derived_seed
+from ..errors import ConversionError
+from ..node import FeedbackNode
 from ..ops import LinearFamily
 
 #: projections with at most this many entries are drawn once and cached per device/dtype
@@ -191,48 +194,53 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
     return _replaced(output, key, _CaptureError.apply(y, hub))
 
 
-class DFANode(FeedbackNode):
-    """DFA's state for one op: a seed from which its projections are drawn (module
-    docstring). Options: ``scale`` (``"xavier"`` or a positive std), ``form`` (``"auto"``,
-    ``"token"`` or ``"dense"``: what the projection maps, per token or per sample) and
-    ``store_feedback``."""
+@dataclass(frozen=True)
+class DFA(RuleConfig):
+    """Direct feedback alignment: the network's output error projected straight to each op.
+
+    Args:
+        scale: ``"xavier"`` or a positive standard deviation for the projections (DFA's
+            projection of the output error has no W to take ``"weight"`` scale from).
+        form: ``"token"`` (each position's output error onto that position's units),
+            ``"dense"`` (each sample's whole output error onto the op's whole input) or
+            ``"auto"`` (token where it applies).
+        store_feedback: cache the projections (True) or redraw them in every backward.
+    """
 
     rule = "dfa"
+    scale: str | float = "xavier"
+    form: str = "auto"
+    store_feedback: bool = True
+
+    def validate(self) -> None:
+        check_store_feedback(self.store_feedback, self.rule)
+        check_choice(
+            self.form,
+            FORMS,
+            "form",
+            self.rule,
+            " (token: each position's output error projected onto that position's units, Launay et al. 2020; "
+            "dense: each sample's whole output error onto the op's whole input; auto: token where it applies)",
+        )
+        check_scale(self.scale, self.rule, ("xavier",))
+
+
+class DFANode(FeedbackNode):
+    """DFA's state for one op: a seed from which its projections are drawn (module
+    docstring)."""
+
+    rule = "dfa"
+    config_type = DFA
     traceable_backward = False  # the output error exists only during the backward
-    options: ClassVar[dict[str, Any]] = {"scale": "xavier", "form": "auto", "store_feedback": True}
     has_feedback_weight = False
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        transposed: bool = False,
-        scale: str | float = "xavier",
-        form: str = "auto",
-        store_feedback: bool = True,
-    ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        self.store_feedback = check_store_feedback(store_feedback, self.rule)
-        if form not in FORMS:
-            raise ConversionError(
-                f"dfa: unknown form {form!r}; valid forms: {', '.join(FORMS)} (token: each position's output "
-                "error projected onto that position's units, Launay et al. 2020; dense: each sample's whole "
-                f"output error onto the op's whole input; auto: token where it applies){did_you_mean(form, FORMS)}"
-            )
-        self.form = form
+    def __init__(self, weight: Tensor, *, generator: torch.Generator, **kwargs: Any):
+        super().__init__(weight, generator=generator, **kwargs)
+        self.store_feedback = self.rule_config.store_feedback
+        self.form = self.rule_config.form
         #: the form this op's last backward used ("token" or "dense"; None before its first)
         self.last_form: str | None = None
-        if isinstance(scale, str):
-            if scale != "xavier":
-                raise ConversionError(
-                    f"dfa: unknown scale {scale!r}; valid scales: xavier or a positive number "
-                    "(DFA's projection of the output error has no W to take 'weight' scale from)"
-                )
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ConversionError(f"dfa: scale must be xavier or a positive number, got {scale!r}")
-        self.scale = scale
+        self.scale = self.rule_config.scale
         # the projections' shapes are known only in the first backward: keep a seed
         self._draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self._cache: dict[tuple, Tensor] = {}

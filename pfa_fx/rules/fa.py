@@ -9,33 +9,46 @@ the same seed. Cost per op and backward: ``|W|`` Gaussian draws on the CPU (plus
 W's device), and one W-sized tensor alive while the op's backward runs.
 """
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..node import DEFAULT_SCALE, FeedbackNode, check_store_feedback, feedback_std, generator_key
+from ..config import RuleConfig, check_scale, check_store_feedback
+from ..draws import DEFAULT_SCALE, feedback_std, generator_key
+from ..node import FeedbackNode
+
+
+@dataclass(frozen=True)
+class FA(RuleConfig):
+    """Feedback alignment: fixed random ``B`` in W's place in the backward.
+
+    Args:
+        scale: ``"weight"`` (W's own RMS, the default), ``"xavier"`` (the paper's) or a
+            positive standard deviation for ``B``.
+        store_feedback: hold ``B`` (True) or redraw it from the seed in every backward.
+    """
+
+    rule = "fa"
+    scale: str | float = DEFAULT_SCALE
+    store_feedback: bool = True
+
+    def validate(self) -> None:
+        check_scale(self.scale, self.rule)
+        check_store_feedback(self.store_feedback, self.rule)
 
 
 class FANode(FeedbackNode):
     rule = "fa"
-    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "store_feedback": True}
+    config_type = FA
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        transposed: bool = False,
-        scale: str | float = DEFAULT_SCALE,
-        store_feedback: bool = True,
-    ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        self.scale = scale
-        # KP, WM and PAL start from this draw and then learn B: they refuse False here
-        self.store_feedback = check_store_feedback(store_feedback, self.rule, self.learned_feedback)
-        std = feedback_std(weight, scale, self.rule)
+    def __init__(self, weight: Tensor, *, generator: torch.Generator, **kwargs: Any):
+        super().__init__(weight, generator=generator, **kwargs)
+        self.scale = self.rule_config.scale
+        # KP, WM and PAL start from this draw and then learn B (their configs hold no store_feedback)
+        self.store_feedback = getattr(self.rule_config, "store_feedback", True)
+        std = feedback_std(weight, self.scale, self.rule)
         if self.store_feedback:
             self.register_buffer("B", self.draw(tuple(weight.shape), generator, weight, std))
             return

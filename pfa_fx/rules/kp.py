@@ -46,32 +46,50 @@ CPU training, or memory-bound steps. Its state is ``|W|`` numbers per op (explic
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConversionTypeError
-from ..node import DEFAULT_SCALE, FeedbackNode
+from ..config import RuleConfig, check_bool, check_scale
+from ..draws import DEFAULT_SCALE
+from ..node import FeedbackNode
 from .align import relax
 from .fa import FANode
 from .sgd_implicit import SGDImplicit
 
 
+@dataclass(frozen=True)
+class KP(RuleConfig):
+    """Kolen–Pollack: ``B`` starts as FA's draw and is stepped with W's gradient.
+
+    Args:
+        scale: ``B``'s initial scale, as :class:`FA`'s.
+        implicit: keep ``B = W + α·D0`` implicitly (SGD only; see the module docstring).
+    """
+
+    rule = "kp"
+    learned_feedback = "kp's feedback B is learned (it receives W's gradient and is stepped like W)"
+    scale: str | float = DEFAULT_SCALE
+    implicit: bool = False
+
+    def validate(self) -> None:
+        check_scale(self.scale, self.rule)
+        check_bool(self.implicit, "implicit", self.rule)
+
+
 class KPNode(SGDImplicit, FANode):
     rule = "kp"
+    config_type = KP
     implicit_form = "the implicit Kolen–Pollack form (kp, implicit=True)"
     explicit_conversion = "pfa_fx.convert(model, 'kp')"
     implicit_of = "B"
     plastic = True
-    learned_feedback = "kp's feedback B is learned (it receives W's gradient and is stepped like W)"
-    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "implicit": False}
 
-    def __init__(self, weight: Tensor, *, implicit: bool = False, **kwargs: Any):
+    def __init__(self, weight: Tensor, **kwargs: Any):
         super().__init__(weight, **kwargs)
-        if not isinstance(implicit, bool):
-            raise ConversionTypeError(f"{self.rule}: implicit must be True or False, got {implicit!r}")
-        self.implicit = implicit
+        self.implicit = implicit = self.rule_config.implicit
         B = self._buffers.pop("B")
         if not implicit:
             self.B = nn.Parameter(B)

@@ -40,41 +40,55 @@ being learned, it is always stored (``store_feedback=False`` is refused).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..node import DEFAULT_SCALE, FeedbackNode, local_part, local_tensor, units_gathered
+from ..config import RuleConfig, check_positive, check_scale
+from ..draws import DEFAULT_SCALE
+from ..node import FeedbackNode
 from ..registry import is_feedback_path, op_readers
-from .wm import RATE, WMNode, _positive
+from ..sharding import local_part, local_tensor, units_gathered
+from .wm import RATE, WMNode
+
+
+@dataclass(frozen=True)
+class PAL(RuleConfig):
+    """Phaseless alignment learning: ``B`` learned from noise riding on the network's activity.
+
+    Args:
+        scale: ``B``'s initial scale, as :class:`FA`'s.
+        sigma: the noise's standard deviation.
+        feedback_lr: ``B``'s learning rate (None: ``0.002 / decay``).
+        decay: ``B``'s decay per step (None: ``sigma**2``).
+    """
+
+    rule = "pal"
+    learned_feedback = "pal's feedback B is learned (from the noise riding on the network's own activity)"
+    scale: str | float = DEFAULT_SCALE
+    sigma: float = 0.1
+    feedback_lr: float | None = None
+    decay: float | None = None
+
+    def validate(self) -> None:
+        check_scale(self.scale, self.rule)
+        check_positive(self.sigma, "sigma", self.rule)
+        check_positive(self.feedback_lr, "feedback_lr", self.rule, optional=True)
+        check_positive(self.decay, "decay", self.rule, optional=True)
 
 
 class PALNode(WMNode):
     rule = "pal"
-    learned_feedback = "pal's feedback B is learned (from the noise riding on the network's own activity)"
-    options: ClassVar[dict[str, Any]] = {"scale": DEFAULT_SCALE, "sigma": 0.1, "feedback_lr": None, "decay": None}
+    config_type = PAL
     records_input = True
     mirrors_after_step = False
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        transposed: bool = False,
-        scale: str | float = DEFAULT_SCALE,
-        sigma: float = 0.1,
-        feedback_lr: float | None = None,
-        decay: float | None = None,
-    ):
-        super().__init__(
-            weight, groups=groups, generator=generator, transposed=transposed, scale=scale, sigma=sigma, decay=decay
-        )
-        self.feedback_lr = (
-            RATE / self.decay if feedback_lr is None else _positive(self.rule, "feedback_lr", feedback_lr)
-        )
+    def __init__(self, weight: Tensor, **kwargs: Any):
+        super().__init__(weight, **kwargs)
+        lr = self.rule_config.feedback_lr
+        self.feedback_lr = RATE / self.decay if lr is None else float(lr)
         del self.mirror_lr, self.mirror_batch  # not options of PAL: its noise rides on the data
         self._update: Tensor | None = None  # learned in noisy passes, applied at the optimizer step
         self._clean: Tensor | None = None

@@ -81,173 +81,109 @@ only ``density=1.0``: orthonormalizing the rows of a sparse ``B`` fills it in ag
 from __future__ import annotations
 
 import math
-import warnings
-import weakref
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..errors import ConversionError, ConversionTypeError, did_you_mean
-from ..node import (
-    DEFAULT_SCALE,
-    FeedbackNode,
-    check_store_feedback,
-    feedback_std,
-    generator_at,
-    generator_key,
-    xavier_std,
-)
+from ..config import RuleConfig, check_bool, check_choice, check_scale, check_store_feedback
+from ..draws import DEFAULT_SCALE, feedback_std, generator_at, generator_key, xavier_std
+from ..errors import ConversionError, ConversionTypeError
+from ..node import FeedbackNode
 from .align import relax
+from .pfa_parts import check_density, compact_nodes, sparsify_feedback, watch_optimizers
 from .sgd_implicit import SGDImplicit
 
 ROUTES = ("auto", "product", "population")
-_SGD_EXACT = (torch.optim.SGD,)
-_checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_compact_nodes: weakref.WeakSet = weakref.WeakSet()  # explicit compact nodes alive (S a parameter)
-_hook_handle = None
-
-
-def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
-    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
-
-
-def _hyperparameters(group: dict) -> dict:
-    return {k: v for k, v in group.items() if k not in ("params", "pfa_group")}
-
-
-def _check_compact_groups(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Optimizer step pre-hook, once per optimizer: under an adaptive optimizer compact
-    PFA's ``S`` follows W's own updates only when both are stepped with the same
-    hyperparameters (module docstring); warn where they are not."""
-    if optimizer in _checked_optimizers:
-        return
-    _checked_optimizers[optimizer] = True
-    if isinstance(optimizer, _SGD_EXACT):
-        return  # linear in the gradient: G·S equals B·R in any group
-    groups = _group_of(optimizer)
-    apart = []
-    for node in list(_compact_nodes):
-        gs, gw = groups.get(id(node.S)), groups.get(id(node._weight_ref[0]))
-        if gs is not None and (gw is None or _hyperparameters(gs) != _hyperparameters(gw)):
-            apart.append(node.op_name or "?")
-    if apart:
-        warnings.warn(
-            f"{type(optimizer).__name__} steps compact PFA state S of {len(apart)} op(s) ({', '.join(apart[:3])}"
-            f"{', ...' if len(apart) > 3 else ''}) with other hyperparameters than (or without) its weight W. "
-            "Under an adaptive optimizer compact PFA relies on S and W taking equal steps, so that S - W only "
-            "decays (G·S -> B·Bᵀ·W); put S in W's group, e.g. with pfa_fx.param_groups(model, weight_decay=...)",
-            UserWarning,
-            stacklevel=3,
-        )
-
 
 #: compact=True with sparse B refuses G = B B^T whose condition number exceeds this: S = G^-1 B R0
 #: would then be dominated by rounding, and W_b = G·S (in the weight's dtype) with it
 MAX_COMPACT_CONDITION = 1e8
 
 
-def check_density(density: Any, rule: str) -> float:
-    """``density`` as a float in ``(0, 1]``, or :class:`~pfa_fx.ConversionError` (a ``ValueError``)
-    naming the valid range."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ConversionError(
-            f"{rule}: density must be a number in (0, 1] (the fraction of output units each error unit "
-            f"connects to), got {density!r}"
-        )
-    return float(density)
+@dataclass(frozen=True)
+class PFA(RuleConfig):
+    """Product feedback alignment: ``W_b = B·R`` through ``n̄ = expansion·n_out`` error units.
 
-
-def sparse_feedback_mask(shape: tuple[int, ...], density: float, generator: torch.Generator) -> Tensor:
-    """Boolean mask ``(..., n_out, n̄)``: entry kept with probability ``density``, no empty row.
-
-    A row (output unit) left without any connection gets one, to an error unit drawn at
-    random: otherwise that unit's error would reach no one and ``G = B B^T`` would be singular.
+    Args:
+        expansion: error units per output unit (``n̄ / n_out``), > 0.
+        compact: keep ``S`` (W-shaped) with ``G = B·Bᵀ`` instead of ``R``: exactly
+            explicit PFA under SGD, and the form pfa_fx supports under adaptive
+            optimizers (needs ``expansion >= 1`` with dense ``B``).
+        route: ``"auto"``, ``"product"`` or ``"population"``: how the backward is
+            computed (the same numbers).
+        scale: ``W_b``'s entry scale, as :class:`FA`'s.
+        density: the fraction of output units each error unit connects to, in (0, 1].
+        implicit: compact ``S = W + α·D0`` kept implicitly (SGD only; needs ``compact``).
+        store_feedback: explicit ``B`` held (True) or redrawn in every backward.
     """
-    mask = torch.rand(shape, generator=generator, dtype=torch.float64) < density
-    empty = ~mask.any(dim=-1)
-    if empty.any():
-        rows = empty.nonzero(as_tuple=True)
-        cols = torch.randint(shape[-1], (len(rows[0]),), generator=generator)
-        mask[(*rows, cols)] = True
-    return mask
+
+    rule = "pfa"
+    compute_only = frozenset({"route", "store_feedback"})  # both routes, held or redrawn: the same numbers
+    expansion: float = 10
+    compact: bool = False
+    route: str = "auto"
+    scale: str | float = DEFAULT_SCALE
+    density: float = 1.0
+    implicit: bool = False
+    store_feedback: bool = True
+
+    def validate(self) -> None:
+        rule, orthonormal = self.rule, self.rule == "pfa-o"
+        check_store_feedback(self.store_feedback, rule)
+        check_bool(self.implicit, "implicit", rule)
+        check_bool(self.compact, "compact", rule)
+        if self.implicit and not self.compact:
+            raise ConversionError(
+                f"{rule}: implicit=True is a form of the compact state (W_b = G·S with S = W + α·D0): "
+                f"convert with compact=True as well, i.e. pfa_fx.convert(model, {rule!r}, compact=True, "
+                "implicit=True), or leave implicit out"
+            )
+        if isinstance(self.expansion, bool) or not isinstance(self.expansion, (int, float)):
+            raise ConversionTypeError(f"{rule}: expansion must be a number, got {self.expansion!r}")
+        if self.expansion <= 0 or (orthonormal and self.expansion < 1):
+            need = ">= 1 (B needs orthonormal rows)" if orthonormal else "> 0"
+            raise ConversionError(f"{rule}: expansion must be {need}, got {self.expansion}")
+        check_choice(self.route, ROUTES, "route", rule)
+        check_scale(self.scale, rule)
+        check_density(self.density, rule)
+        if orthonormal and self.density != 1.0:
+            raise ConversionError(
+                f"{rule}: density must be 1.0, got {self.density!r}: orthonormalizing the rows of a sparse B "
+                "fills it in again, so an orthonormal B cannot keep a chosen sparsity; use rule='pfa' for "
+                "sparse feedback"
+            )
+        if self.compact and self.expansion < 1 and self.density == 1.0:
+            raise ConversionError(
+                f"{rule}: compact=True needs expansion >= 1 (G = B·Bᵀ is singular with fewer error units than "
+                f"output units, expansion={self.expansion}); raise expansion to 1 or more, or use compact=False "
+                "(explicit R accepts a bottleneck)"
+            )
 
 
-def sparsify_feedback(B: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """``B ⊙ mask / sqrt(density)`` (see :func:`sparse_feedback_mask`): ``E[B B^T]`` is unchanged."""
-    mask = sparse_feedback_mask(tuple(B.shape), density, generator)
-    return B * mask / math.sqrt(density)
+@dataclass(frozen=True)
+class PFAO(PFA):
+    """PFA with orthonormal-row ``B`` (``B·Bᵀ = I`` exactly): ``expansion >= 1``, dense ``B``.
+    The options are :class:`PFA`'s."""
 
-
-def _watch_optimizers() -> None:
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_check_compact_groups)
+    rule = "pfa-o"
 
 
 class PFANode(SGDImplicit, FeedbackNode):
     rule = "pfa"
+    config_type = PFA
     implicit_of = "S"
     plastic = True
-    options: ClassVar[dict[str, Any]] = {
-        "expansion": 10,
-        "compact": False,
-        "route": "auto",
-        "scale": DEFAULT_SCALE,
-        "density": 1.0,
-        "implicit": False,
-        "store_feedback": True,
-    }
-    # both routes give the same gradients; B stored or redrawn holds the same values
-    compute_only_options: ClassVar[frozenset[str]] = frozenset({"route", "store_feedback"})
     orthonormal = False
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        expansion: float = 10,
-        compact: bool = False,
-        route: str = "auto",
-        transposed: bool = False,
-        scale: str | float = DEFAULT_SCALE,
-        density: float = 1.0,
-        implicit: bool = False,
-        store_feedback: bool = True,
-    ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        self.store_feedback = check_store_feedback(store_feedback, self.rule)
-        if not isinstance(implicit, bool):
-            raise ConversionTypeError(f"{self.rule}: implicit must be True or False, got {implicit!r}")
-        if implicit and not compact:
-            raise ConversionError(
-                f"{self.rule}: implicit=True is a form of the compact state (W_b = G·S with S = W + α·D0): "
-                f"convert with compact=True as well, i.e. pfa_fx.convert(model, {self.rule!r}, compact=True, "
-                "implicit=True), or leave implicit out"
-            )
-        self.implicit = implicit
-        if isinstance(expansion, bool) or not isinstance(expansion, (int, float)):
-            raise ConversionTypeError(f"{self.rule}: expansion must be a number, got {expansion!r}")
-        if expansion <= 0 or (self.orthonormal and expansion < 1):
-            need = ">= 1 (B needs orthonormal rows)" if self.orthonormal else "> 0"
-            raise ConversionError(f"{self.rule}: expansion must be {need}, got {expansion}")
-        self.expansion = expansion
-        self.compact = bool(compact)
-        if route not in ROUTES:
-            raise ConversionError(
-                f"{self.rule}: unknown route {route!r}; valid routes: {', '.join(ROUTES)}{did_you_mean(route, ROUTES)}"
-            )
-        self.route = route
-        self.density = check_density(density, self.rule)
-        if self.orthonormal and self.density != 1.0:
-            raise ConversionError(
-                f"{self.rule}: density must be 1.0, got {density!r}: orthonormalizing the rows of a sparse B "
-                "fills it in again, so an orthonormal B cannot keep a chosen sparsity; use rule='pfa' for "
-                "sparse feedback"
-            )
+    def __init__(self, weight: Tensor, *, generator: torch.Generator, **kwargs: Any):
+        super().__init__(weight, generator=generator, **kwargs)
+        c = self.rule_config
+        self.store_feedback, self.implicit, self.compact = c.store_feedback, c.implicit, c.compact
+        self.expansion = expansion = c.expansion
+        self.route, self.scale, self.density = c.route, c.scale, float(c.density)
+        scale = c.scale
         g = self.groups
         out_g = self.n_out // g
         nbar_g = max(1, round(expansion * out_g))
@@ -297,8 +233,8 @@ class PFANode(SGDImplicit, FeedbackNode):
             # solve() returns column-major results: a non-contiguous S would cost a W-sized
             # reorder in every backward call and in every gradient accumulation
             self.S = nn.Parameter(S.to(**to).contiguous())
-            _compact_nodes.add(self)
-            _watch_optimizers()
+            compact_nodes.add(self)
+            watch_optimizers()
         else:
             if self.store_feedback:
                 self.register_buffer("B", self._laid_out(B).to(**to))
@@ -309,8 +245,8 @@ class PFANode(SGDImplicit, FeedbackNode):
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle
         super().__setstate__(state)
         if self.__dict__.get("compact") and not self.__dict__.get("implicit"):
-            _compact_nodes.add(self)
-            _watch_optimizers()
+            compact_nodes.add(self)
+            watch_optimizers()
 
     @staticmethod
     def _laid_out(B: Tensor) -> Tensor:
@@ -495,6 +431,7 @@ class PFAONode(PFANode):
     """PFA with orthonormal-row ``B`` (``B B^T = I`` exactly)."""
 
     rule = "pfa-o"
+    config_type = PFAO
     orthonormal = True
 
     def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:

@@ -12,39 +12,50 @@ Cost per op and backward: ``|W|`` Gaussian draws on the CPU (plus a copy to W's 
 and one more W-sized tensor alive while the op's backward runs.
 """
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConversionError, did_you_mean
-from ..node import DEFAULT_SCALE, FeedbackNode, check_store_feedback, feedback_std, generator_key
+from ..config import RuleConfig, check_choice, check_scale, check_store_feedback
+from ..draws import DEFAULT_SCALE, feedback_std, generator_key
+from ..node import FeedbackNode
 
 VARIANTS = ("usf", "frsf", "brsf")
 
 
+@dataclass(frozen=True)
+class SF(RuleConfig):
+    """Sign-concordant feedback ``W_b = sign(W)·M``.
+
+    Args:
+        variant: ``"usf"`` (one magnitude per op), ``"frsf"`` (fixed random magnitudes) or
+            ``"brsf"`` (magnitudes redrawn every batch).
+        scale: the magnitudes' scale, as :class:`FA`'s.
+        store_feedback: frSF's ``M`` held (True) or redrawn in every backward.
+    """
+
+    rule = "sf"
+    variant: str = "usf"
+    scale: str | float = DEFAULT_SCALE
+    store_feedback: bool = True
+
+    def validate(self) -> None:
+        check_choice(self.variant, VARIANTS, "variant", self.rule)
+        check_scale(self.scale, self.rule)
+        check_store_feedback(self.store_feedback, self.rule)
+
+
 class SFNode(FeedbackNode):
     rule = "sf"
-    options: ClassVar[dict[str, Any]] = {"variant": "usf", "scale": DEFAULT_SCALE, "store_feedback": True}
+    config_type = SF
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        transposed: bool = False,
-        variant: str = "usf",
-        scale: str | float = DEFAULT_SCALE,
-        store_feedback: bool = True,
-    ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed)
-        self.store_feedback = check_store_feedback(store_feedback, self.rule)
-        if variant not in VARIANTS:
-            raise ConversionError(
-                f"sf: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}{did_you_mean(variant, VARIANTS)}"
-            )
-        self.variant = variant
+    def __init__(self, weight: Tensor, *, generator: torch.Generator, **kwargs: Any):
+        super().__init__(weight, generator=generator, **kwargs)
+        self.store_feedback = self.rule_config.store_feedback
+        self.variant = variant = self.rule_config.variant
+        scale = self.rule_config.scale
         self.scale = scale
         self.std = feedback_std(weight, scale, self.rule)
         if variant == "frsf" and self.store_feedback:

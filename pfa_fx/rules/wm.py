@@ -38,15 +38,18 @@ being learned, it is always stored (``store_feedback=False`` is refused).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..config import RuleConfig, check_positive, check_scale
+from ..draws import DEFAULT_SCALE
 from ..errors import ConversionError, ConversionTypeError
-from ..node import DEFAULT_SCALE, gathered, local_part, local_tensor
 from ..registry import feedback_modules
+from ..sharding import gathered, local_part, local_tensor
 from .align import fan_in, noise_response, relax
 from .fa import FANode
 
@@ -75,47 +78,51 @@ def _watch_optimizers() -> None:
         _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _positive(rule: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConversionError(f"{rule}: {name} must be a positive number, got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class WM(RuleConfig):
+    """Weight mirrors: FA's ``B`` made plastic by mirror steps after each optimizer step.
+
+    Args:
+        scale: ``B``'s initial scale, as :class:`FA`'s.
+        sigma: the mirror noise's standard deviation.
+        mirror_lr: the mirror step's learning rate (None: ``0.002 / decay``).
+        decay: ``B``'s decay per mirror step (None: ``sigma**2``).
+        mirror_batch: noise samples per mirror step.
+    """
+
+    rule = "wm"
+    learned_feedback = "wm's feedback B is learned (by a mirror step after every optimizer step)"
+    scale: str | float = DEFAULT_SCALE
+    sigma: float = 1.0
+    mirror_lr: float | None = None
+    decay: float | None = None
+    mirror_batch: int = 32
+
+    def validate(self) -> None:
+        check_scale(self.scale, self.rule)
+        check_positive(self.sigma, "sigma", self.rule)
+        check_positive(self.mirror_lr, "mirror_lr", self.rule, optional=True)
+        check_positive(self.decay, "decay", self.rule, optional=True)
+        if isinstance(self.mirror_batch, bool) or not isinstance(self.mirror_batch, int) or self.mirror_batch < 1:
+            raise ConversionError(f"{self.rule}: mirror_batch must be an int >= 1, got {self.mirror_batch!r}")
 
 
 class WMNode(FANode):
     """FA's draw of ``B``, made plastic by mirror steps."""
 
     rule = "wm"
-    learned_feedback = "wm's feedback B is learned (by a mirror step after every optimizer step)"
-    options: ClassVar[dict[str, Any]] = {
-        "scale": DEFAULT_SCALE,
-        "sigma": 1.0,
-        "mirror_lr": None,
-        "decay": None,
-        "mirror_batch": 32,
-    }
+    config_type: ClassVar[type[RuleConfig]] = WM
     #: whether :func:`mirror` runs mirror steps on this op (PAL learns in its noisy pass)
     mirrors_after_step: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        weight: Tensor,
-        *,
-        groups: int,
-        generator: torch.Generator,
-        transposed: bool = False,
-        scale: str | float = DEFAULT_SCALE,
-        sigma: float = 1.0,
-        mirror_lr: float | None = None,
-        decay: float | None = None,
-        mirror_batch: int = 32,
-    ):
-        super().__init__(weight, groups=groups, generator=generator, transposed=transposed, scale=scale)
-        self.sigma = _positive(self.rule, "sigma", sigma)
-        self.decay = self.sigma**2 if decay is None else _positive(self.rule, "decay", decay)
-        self.mirror_lr = RATE / self.decay if mirror_lr is None else _positive(self.rule, "mirror_lr", mirror_lr)
-        if isinstance(mirror_batch, bool) or not isinstance(mirror_batch, int) or mirror_batch < 1:
-            raise ConversionError(f"{self.rule}: mirror_batch must be an int >= 1, got {mirror_batch!r}")
-        self.mirror_batch = mirror_batch
+    def __init__(self, weight: Tensor, *, generator: torch.Generator, **kwargs: Any):
+        super().__init__(weight, generator=generator, **kwargs)
+        c = self.rule_config
+        self.sigma = float(c.sigma)
+        self.decay = self.sigma**2 if c.decay is None else float(c.decay)
+        mirror_lr = getattr(c, "mirror_lr", None)  # PAL's config names its rate feedback_lr
+        self.mirror_lr = RATE / self.decay if mirror_lr is None else float(mirror_lr)
+        self.mirror_batch = getattr(c, "mirror_batch", 32)
         self._noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self.steps = 0  # noise draws so far (mirror steps; PAL's noisy passes)
         _watch_optimizers()
