@@ -103,8 +103,7 @@ def build(model_name: str, variant: str, base: nn.Module) -> nn.Module:
     if variant == BP:
         model = copy.deepcopy(base)
     else:
-        rule, opts = RULES[variant]
-        model = pfa_fx.convert(base, rule, seed=0, **opts)
+        model = pfa_fx.convert(base, RULES[variant], seed=0)
     return model.train()
 
 

@@ -158,7 +158,7 @@ def _floor_ops(bare: bool) -> types.ModuleType:
 
 
 class Variant:
-    def __init__(self, label: str, base: nn.Module, rule: str | None, opts: dict, ops_module=None):
+    def __init__(self, label: str, base: nn.Module, rule: pfa_fx.RuleConfig | str | None, opts: dict, ops_module=None):
         self.label = label
         if rule is None:
             self.model = copy.deepcopy(base)
@@ -187,10 +187,9 @@ def bench_model(name: str, args: argparse.Namespace, ref_ops) -> list[dict]:
         variants.append(Variant("floor: graph, native ops", base, "bp", {}, _floor_ops(bare=False)))
         variants.append(Variant("floor: graph, bare Function", base, "bp", {}, _floor_ops(bare=True)))
     for r in args.rules:
-        rule, opts = RULES[r]
-        variants.append(Variant(r, base, rule, opts))
+        variants.append(Variant(r, base, RULES[r], {}))
         if ref_ops is not None:
-            variants.append(Variant(f"{r} @{args.ref}", base, rule, opts, ref_ops))
+            variants.append(Variant(f"{r} @{args.ref}", base, RULES[r], {}, ref_ops))
     x = torch.randn(args.batch, *size)
     y = torch.randint(0, base.num_classes, (args.batch,))
     clock = time.thread_time if args.clock == "thread" else time.perf_counter

@@ -26,6 +26,7 @@ from .metrics import (
 from .node import FeedbackNode
 from .optim import DecayBurst, param_groups
 from .params import clip_grad_norm_, feedback_parameters, model_parameters
+from .record import ConversionRecord, record_of
 from .registry import feedback_modules, is_feedback_path
 from .report import ConversionReport, report
 from .rules import BP, DFA, FA, KP, PAL, PFA, PFAO, PRESETS, RULES, SF, WM, mirror, register_rule, step_feedback
@@ -45,6 +46,7 @@ __all__ = [
     "WM",
     "AlignmentLogger",
     "ConversionError",
+    "ConversionRecord",
     "ConversionReport",
     "ConversionTypeError",
     "ConvertedModule",
@@ -68,6 +70,7 @@ __all__ = [
     "model_parameters",
     "op_names",
     "param_groups",
+    "record_of",
     "register_rule",
     "report",
     "step_feedback",

@@ -21,12 +21,13 @@ CHECKPOINT_KEY = "pfa_fx"
 
 
 def _op_config(node: FeedbackNode) -> dict[str, Any]:
-    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed}
+    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed, "version": node.config_type.VERSION}
 
 
 def conversion_config(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{op name: {"rule", "options", "seed"}}`` of a converted model: what its checkpoints
-    record, and what ``load_state_dict`` compares them with."""
+    """``{op name: {"rule", "options", "seed", "version"}}`` of a converted model: what its
+    checkpoints record (``version``: the rule config's ``VERSION``), and what
+    ``load_state_dict`` compares them with."""
     return {name: _op_config(node) for name, node in feedback_modules(model)}
 
 
@@ -112,7 +113,9 @@ def _same_config(theirs: Mapping[str, Any] | None, node: FeedbackNode | None) ->
         return theirs is None and node is None
     if theirs.get("rule") != node.rule:
         return False
-    options = theirs.get("options", {})
+    # options recorded under an older config VERSION, in this version's terms (a checkpoint
+    # that predates versions recorded version 1)
+    options = node.config_type.upgrade(dict(theirs.get("options", {})), int(theirs.get("version", 1)))
     for k, v in node.config.items():
         # options a checkpoint predates are not compared; PFA's route only chooses how the
         # same numbers are computed, so a checkpoint may resume under another one
@@ -231,7 +234,10 @@ def _check_checkpoint(
             "  this model: " + "\n              ".join(_by_config(mine, differ)),
         ]
         seeds_only = all(
-            op in theirs and op in mine and {**theirs[op], "seed": None} == {**mine[op], "seed": None} for op in differ
+            op in theirs
+            and op in mine
+            and (theirs[op].get("rule"), theirs[op].get("options")) == (mine[op]["rule"], mine[op]["options"])
+            for op in differ
         )
         if seeds_only:
             seeds = ", ".join(sorted({repr(theirs[op].get("seed")) for op in differ}))

@@ -26,7 +26,8 @@ from .graph_module import ConvertedModule
 from .install import FeedbackInstaller, finish
 from .mapping import RuleSpec, check_spec, mapping_problems
 from .node import FeedbackNode
-from .registry import NAMESPACE, feedback_modules, set_op_readers
+from .record import record_of
+from .registry import NAMESPACE, feedback_modules
 from .rewrite import Rewriter, matrix_products_left, weight_op_readers
 from .weights import hidden_weights
 
@@ -77,7 +78,7 @@ def convert(
             tree: each module owning a converted weight runs its op feedback-aware in its
             own forward and holds the op's feedback node as its child
             (``<owner>.pfa_feedback``, fixed feedback as frozen parameters) — the front end
-            for FSDP2's per-block ``fully_shard`` (README, "Sharding"). :func:`report`
+            for FSDP2's per-block ``fully_shard`` (docs/guide/sharding.md). :func:`report`
             names each op's front end.
         example_inputs: inputs for torch.export: a dict of keyword tensors, a tensor or a
             tuple of positional tensors. Their batch and sequence sizes are not baked in.
@@ -247,9 +248,9 @@ def _from_fx(
         rewriter.rewrite(graph)
     gm.train(model.training)
     gm.recompile()
-    installer.record(gm, leaf_paths)
-    gm.__dict__["_pfa_left"] = matrix_products_left(gm, (train_graph, eval_graph), installer)
-    set_op_readers(gm, weight_op_readers(gm, train_graph))
+    rec = installer.record(gm, "fx graph", leaf_paths)
+    rec.left_on_bp = matrix_products_left(gm, (train_graph, eval_graph), installer)
+    rec.op_readers = weight_op_readers(gm, train_graph)
     finish(gm)
     return gm, root, installer
 
@@ -267,16 +268,16 @@ def _from_export(
         rewriter.rewrite(graph)
     # calls the graph was not captured for (generate's KV cache, labels) run eagerly through the same nodes
     params = {id(p): name for name, p in root.named_parameters()}
-    root.pfa_routes = tuple(
+    routes = tuple(
         (params[id(node._weight_ref[0])], key)
         for key, node in installer.made.items()
         if node is not None and id(node._weight_ref[0]) in params
     )
-    installer.record(root, {})
-    root.__dict__["_pfa_left"] = matrix_products_left(root, graphs, installer)
+    rec = installer.record(root, "export graph", {}, routes=routes)
+    rec.left_on_bp = matrix_products_left(root, graphs, installer)
     export.install_forwards(root, captured)
     root.load_state_dict = types.MethodType(eager_load_state_dict, root)
-    set_op_readers(root, weight_op_readers(root, captured.graphs[True]))
+    rec.op_readers = weight_op_readers(root, captured.graphs[True])
     finish(root)
     return root, installer
 
@@ -318,13 +319,14 @@ def _check_strict(
     """Every parameter of two or more dimensions that stays on BP as an operand of a matrix
     product or convolution: an error with ``strict``, else a warning. ``strict`` also
     refuses weight-op modules no converted op reaches."""
-    left = converted.__dict__.get("_pfa_left")
+    rec = record_of(converted)
+    left = rec.left_on_bp
     if left is None:  # converted without a graph: see what one forward leaves on BP
         kwargs = export.example_kwargs(converted, example_inputs)
         left = eager.left_on_backprop(converted, kwargs, installer.kept_native) if kwargs is not None else {}
     on_bp = [f"{p}: {why}" for p, why in left.items()]
-    others = [f"{k}: {why}" for k, why in getattr(converted, "pfa_skipped", {}).items()]
-    made = {name for name, _ in feedback_modules(converted)} | set(converted.pfa_kept_native)
+    others = [f"{k}: {why}" for k, why in rec.skipped.items()]
+    made = {name for name, _ in feedback_modules(converted)} | set(rec.kept_native)
     for h in hidden_weights(root, ""):
         if h.key not in made and not h.key.startswith(NAMESPACE) and h.param_path not in left:
             others.append(f"{h.param_path}: never reached by a converted op")

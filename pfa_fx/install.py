@@ -17,6 +17,7 @@ from .config import RuleConfig
 from .errors import ConversionError
 from .mapping import RuleSpec, resolve_spec
 from .node import FeedbackNode, seeded_generator
+from .record import ConversionRecord, set_record
 from .registry import NAMESPACE, bind_flat, feedback_modules, owner_slot, place_node
 from .rules import config_for, node_class_of, rule_class
 from .weights import HiddenWeight
@@ -137,11 +138,25 @@ class FeedbackInstaller:
             name = self.flat_names[key] = bind_flat(self.model, key, self.made[key])
         return name
 
-    def record(self, model: nn.Module, fallbacks: Mapping[str, str]) -> None:
-        """What the report and ``strict`` read back: opaque fallbacks, ops kept native, skipped."""
-        model.pfa_fallbacks = dict(fallbacks)
-        model.pfa_kept_native = sorted(self.kept_native)
-        model.pfa_skipped = dict(self.skipped)
+    def record(
+        self,
+        model: nn.Module,
+        front_end: str,
+        fallbacks: Mapping[str, str],
+        routes: tuple[tuple[str, str], ...] = (),
+    ) -> ConversionRecord:
+        """The model's :class:`~pfa_fx.record.ConversionRecord`, made once the ops are installed
+        (the graph front ends add what only the graph shows: ``left_on_bp``, ``op_readers``)."""
+        rec = ConversionRecord(
+            front_end,
+            ops=list(self.owners),
+            fallbacks=dict(fallbacks),
+            kept_native=sorted(self.kept_native),
+            skipped=dict(self.skipped),
+            routes=tuple(routes),
+        )
+        set_record(model, rec)
+        return rec
 
 
 def finish(model: nn.Module) -> None:

@@ -19,18 +19,16 @@ Either way ``NAMESPACE`` is one component of every feedback state path
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from .node import FeedbackNode
+from .record import record_of
 
 #: the child module of a converted model that holds every op's feedback node
 NAMESPACE = "pfa_feedback"
-
-# plain (unregistered) attribute: {op name: [op names reading its output]}, set by the pass
-_READERS = "_pfa_op_readers"
 
 
 def feedback_modules(model: nn.Module) -> Iterator[tuple[str, FeedbackNode]]:
@@ -124,15 +122,10 @@ def bind_flat(model: nn.Module, key: str, node: FeedbackNode) -> str:
     return name
 
 
-def set_op_readers(model: nn.Module, readers: Mapping[str, list[str]]) -> None:
-    """Record, per op, the weight ops that read its output (no weight op in between)."""
-    model.__dict__[_READERS] = {k: list(v) for k, v in readers.items()}
-
-
 def op_readers(model: nn.Module) -> dict[str, list[str]]:
     """``{op name: [op names reading its output]}`` as the pass found it in the training
     graph, in the order found; empty for a model converted without a graph."""
-    return model.__dict__.get(_READERS, {})
+    return record_of(model).op_readers
 
 
 __all__ = [

@@ -10,7 +10,9 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import format_option
-from .node import FeedbackNode, xavier_std
+from .draws import xavier_std
+from .node import FeedbackNode
+from .record import record_of
 from .registry import feedback_modules, is_feedback_path
 
 _KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
@@ -182,10 +184,9 @@ def report(model: nn.Module) -> ConversionReport:
 
     >>> print(pfa_fx.report(pfa_fx.convert(model, "pfa")))  # doctest: +SKIP
     """
+    rec = record_of(model)
     rep = ConversionReport(
-        kept_native=list(getattr(model, "pfa_kept_native", [])),
-        not_converted=dict(getattr(model, "pfa_skipped", {})),
-        fallbacks=dict(getattr(model, "pfa_fallbacks", {})),
+        kept_native=list(rec.kept_native), not_converted=dict(rec.skipped), fallbacks=dict(rec.fallbacks)
     )
     weights = set()
     by_class: dict[type, list] = {}

@@ -15,6 +15,8 @@ first, ``except ImportError`` the second, one import line per module in each.
 
 from __future__ import annotations
 
+import pfa_fx
+
 # pfa_fx internals (not its public API) the benchmarks use: imported here only
 from pfa_fx.audit import weights_on_backprop
 from pfa_fx.registry import NAMESPACE
@@ -48,18 +50,10 @@ __all__ = [
     "write_rows",
 ]
 
-#: variant name -> (rule, options) for pfa_fx.convert; "bp" is BP through the converted ops
-RULES: dict[str, tuple[str, dict]] = {
-    "bp": ("bp", {}),
-    "fa": ("fa", {}),
-    "sf": ("sf", {}),
-    "kp": ("kp", {}),
-    "kp-implicit": ("kp", {"implicit": True}),
-    "pfa-compact": ("pfa", {"expansion": 10, "compact": True}),
-    "pfa-compact-implicit": ("pfa", {"expansion": 10, "compact": True, "implicit": True}),
-    "pfa": ("pfa", {"expansion": 10}),
-    "pfa-o": ("pfa-o", {}),
-    "dfa": ("dfa", {}),
-    "wm": ("wm", {}),
-    "pal": ("pal", {}),
+#: variant name -> the rule config pfa_fx.convert takes: each rule's defaults ("pfa": expansion
+#: 10), then the library's presets ("kp-implicit", "pfa-compact", ...); "bp" is BP through the
+#: converted ops
+RULES: dict[str, pfa_fx.RuleConfig] = {
+    **{name: cls.config_type() for name, cls in pfa_fx.RULES.items()},
+    **pfa_fx.PRESETS,
 }

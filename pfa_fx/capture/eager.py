@@ -14,6 +14,7 @@ from torch import nn
 from ..audit import weights_on_backprop
 from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
+from ..record import record_of
 from ..registry import NAMESPACE
 from ..weights import HiddenWeight, hidden_weights, route_paths
 from . import intercept
@@ -23,7 +24,7 @@ def _eager_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Forward of a model converted without a graph: the class's own forward, with every
     routed weight op made feedback-aware at run time."""
     namespace = getattr(self, NAMESPACE)
-    routes = tuple((self.get_parameter(path), key) for path, key in self.pfa_routes)
+    routes = tuple((self.get_parameter(path), key) for path, key in record_of(self).routes)
     return intercept.call_with_feedback(
         lambda *a, **k: type(self).forward(self, *a, **k), namespace, routes, *args, **kwargs
     )
@@ -62,8 +63,7 @@ def convert_eagerly(
     for h in known + applied_weights(root, kwargs, known):
         if installer.node_for_hidden(h, "eager") is not None:
             routes += [(p, h.key) for p in route_paths(root, h)]
-    root.pfa_routes = tuple(routes)
-    installer.record(root, {"": reason})
+    installer.record(root, "eager", {"": reason}, routes=tuple(routes))
     root.forward = types.MethodType(_eager_forward, root)
     root.load_state_dict = types.MethodType(eager_load_state_dict, root)
     finish(root)

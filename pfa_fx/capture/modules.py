@@ -163,7 +163,7 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
         plain = plain and mine[0][1] is owner._modules.get(NAMESPACE)
         owner.__dict__[_ROUTES] = mine
         owner.forward = types.MethodType(_linear_forward if plain else _owner_forward, owner)
-    installer.record(root, {})
+    installer.record(root, "modules", {})
     root.load_state_dict = types.MethodType(eager_load_state_dict, root)
     finish(root)
     return root
