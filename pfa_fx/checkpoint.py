@@ -21,13 +21,12 @@ CHECKPOINT_KEY = "pfa_fx"
 
 
 def _op_config(node: FeedbackNode) -> dict[str, Any]:
-    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed, "version": node.config_type.VERSION}
+    return {"rule": node.rule, "options": dict(node.config), "seed": node.seed}
 
 
 def conversion_config(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{op name: {"rule", "options", "seed", "version"}}`` of a converted model: what its
-    checkpoints record (``version``: the rule config's ``VERSION``), and what
-    ``load_state_dict`` compares them with."""
+    """``{op name: {"rule", "options", "seed"}}`` of a converted model: what its checkpoints
+    record (with each rule config's ``VERSION``), and what ``load_state_dict`` compares them with."""
     return {name: _op_config(node) for name, node in feedback_modules(model)}
 
 
@@ -41,6 +40,10 @@ def watch_checkpoints(model: nn.Module) -> None:
     # first, so that the check sees this model's layout
     model.register_load_state_dict_pre_hook(_to_this_layout)
     model.register_load_state_dict_pre_hook(_check_checkpoint)
+    # the check needs the caller's strict (load_state_dict_checked): a converted graph's class
+    # passes it on; a model that keeps its own class gets the same on the instance
+    if not getattr(type(model), "passes_load_strict", False):
+        model.load_state_dict = types.MethodType(eager_load_state_dict, model)
 
 
 def _layouts(model: nn.Module) -> dict[str, str]:
@@ -96,7 +99,15 @@ def eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args:
 
 
 def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
-    local_metadata[CHECKPOINT_KEY] = {"format": 1, "ops": conversion_config(module)}
+    versions = {node.rule: node.config_type.VERSION for _, node in feedback_modules(module)}
+    local_metadata[CHECKPOINT_KEY] = {"format": 1, "ops": conversion_config(module), "versions": versions}
+
+
+def _recorded_ops(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A checkpoint's ``{op: config}``, each with the ``version`` of its rule's config when
+    saved (1 for checkpoints that predate versions)."""
+    versions = saved.get("versions", {})
+    return {op: {**cfg, "version": versions.get(cfg.get("rule"), 1)} for op, cfg in saved.get("ops", {}).items()}
 
 
 def _state_leaves(node: FeedbackNode) -> set[str]:
@@ -221,7 +232,7 @@ def _check_checkpoint(
     own = {op: _state_leaves(node) for op, node in nodes.items()}
     mine = conversion_config(module)
     if saved is not None:
-        theirs = saved.get("ops", {})
+        theirs = _recorded_ops(saved)
         differ = [op for op in dict.fromkeys([*theirs, *mine]) if not _same_config(theirs.get(op), nodes.get(op))]
         if not strict:  # only what would load feedback tensors into a differently configured op
             differ = [op for op in differ if op in theirs and op in own and incoming.get(op, set()) & own[op]]

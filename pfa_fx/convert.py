@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .capture import eager, export, fx_trace, modules
-from .checkpoint import eager_load_state_dict
 from .errors import ConversionError, ConversionTypeError, TraceError, did_you_mean
 from .graph_module import ConvertedModule
 from .install import FeedbackInstaller, finish
@@ -276,7 +275,6 @@ def _from_export(
     rec = installer.record(root, "export graph", {}, routes=routes)
     rec.left_on_bp = matrix_products_left(root, graphs, installer)
     export.install_forwards(root, captured)
-    root.load_state_dict = types.MethodType(eager_load_state_dict, root)
     rec.op_readers = weight_op_readers(root, captured.graphs[True])
     finish(root)
     return root, installer

@@ -169,6 +169,22 @@ class Redrawing:
         seed would hold it now (its dtype and device after the model's moves)."""
         raise KeyError(f"{self.rule}: no fixed random tensor {name!r} to redraw")
 
+    def backward_input_first(
+        self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any
+    ):
+        """:meth:`backward` in two native calls, for a redrawn ``W_b``: the input gradient
+        through ``W_b`` first, then W's and the bias's once ``W_b`` is gone, so that it and
+        ``grad_W`` are never alive together (the step's peak memory stays BP's)."""
+        gx = family.fused(e, x, self.feedback_from(weight, state), True, False, False)[0] if need.x else None
+        _, gw, gb = family.fused(e, x, weight, False, need.w or need.state, need.b)  # W only gives shapes
+        return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
+
+    def state_numel(self) -> int:
+        """Numbers this node holds as feedback state (its parameters and buffers, and the
+        generator snapshots a redraw starts from, if any)."""
+        tensors = [*self._parameters.values(), *self._buffers.values(), *self.__dict__.get("_draw_keys", {}).values()]
+        return sum(t.numel() for t in tensors if isinstance(t, Tensor))
+
     def stream(self, device: torch.device, *parts: object) -> torch.Generator:
         """This node's generator on ``device``, reseeded from ``parts`` (e.g. a base seed and
         a step): per-step draws (brSF's magnitudes, WM/PAL noise) without a new generator."""

@@ -68,6 +68,8 @@ class ConvertedModule(fx.GraphModule):
         res.recompile()
         return res
 
+    passes_load_strict = True  # checkpoint.watch_checkpoints: load_state_dict below hands on strict
+
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.load_state_dict``; a checkpoint saved from another conversion (rule,
         options, or the seed of rules that keep drawing from it) is refused with a

@@ -149,11 +149,11 @@ def check_spec(spec: Any, options: Mapping[str, Any]) -> None:
                 _check_options(names[-1], value[1], [names[-1]])
             else:
                 raise ConversionError(
-                    f"rule for {pattern!r} must be a rule config, a rule name, (name, options) or None; got {value!r}"
+                    f"rule for {pattern!r} must be a rule name, (name, options), a rule config or None; got {value!r}"
                 )
     else:
         raise ConversionError(
-            f"rule must be a rule config (e.g. pfa_fx.PFA()), a rule name or a mapping of patterns to rules, got {spec!r}"
+            f"rule must be a rule name, a rule config (e.g. pfa_fx.PFA()) or a mapping of patterns to rules, got {spec!r}"
         )
     _check_options(None, options, names)
 

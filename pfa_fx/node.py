@@ -60,8 +60,7 @@ class FeedbackNode(Redrawing, HeldShapes, nn.Module):
     plastic: ClassVar[bool] = False
     #: False for rules without a W-shaped ``W_b`` (DFA projects the output error instead)
     has_feedback_weight: ClassVar[bool] = True
-    #: whether torch.compile may trace the op's backward ahead of time (DFA's reads an error
-    #: captured during the backward itself: one deliberate graph break per op)
+    #: whether torch.compile may trace the op's backward ahead of time (not DFA's)
     traceable_backward: ClassVar[bool] = True
     #: whether the op hands its input to :meth:`record_input` on training calls (PAL)
     records_input: ClassVar[bool] = False
@@ -69,9 +68,7 @@ class FeedbackNode(Redrawing, HeldShapes, nn.Module):
     store_feedback: bool = True
     #: set during a rule's own no-grad pass (PAL's): the op calls :meth:`noisy_forward`
     noisy: bool = False
-
-    #: from the config type (see :class:`~pfa_fx.RuleConfig`): options that only choose how
-    #: the same numbers are computed, and why the feedback is learned (empty: it is fixed)
+    #: from :attr:`config_type` (see :class:`~pfa_fx.RuleConfig`)
     compute_only_options: ClassVar[frozenset[str]] = frozenset({"store_feedback"})
     learned_feedback: ClassVar[str] = ""
 
@@ -141,16 +138,6 @@ class FeedbackNode(Redrawing, HeldShapes, nn.Module):
         gx, gw, gb = family.fused(e, x, weight_b, need.x, need.w or need.state, need.b)
         return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
 
-    def backward_input_first(
-        self, family: Any, e: Tensor, x: Tensor, weight: Tensor, state: tuple[Tensor, ...], need: Any
-    ):
-        """:meth:`backward` in two native calls, for a redrawn ``W_b``: the input gradient
-        through ``W_b`` first, then W's and the bias's once ``W_b`` is gone, so that it and
-        ``grad_W`` are never alive together (the step's peak memory stays BP's)."""
-        gx = family.fused(e, x, self.feedback_from(weight, state), True, False, False)[0] if need.x else None
-        _, gw, gb = family.fused(e, x, weight, False, need.w or need.state, need.b)  # W only gives shapes
-        return gx, gw, gb, self.state_grads(gw, state) if need.state else (None,) * len(state)
-
     def inspect_state(self) -> tuple[Tensor, ...]:
         """The state :meth:`feedback_weight` reports (the last step's, without advancing)."""
         return self.state()
@@ -184,11 +171,6 @@ class FeedbackNode(Redrawing, HeldShapes, nn.Module):
         """This node's options with defaults resolved (WM's ``mirror_lr=None`` as the rate it
         stands for); ``store_feedback`` only where it is False, as checkpoints record it."""
         return {k: getattr(self, k) for k in self.options if not (k == "store_feedback" and self.store_feedback)}
-
-    def state_numel(self) -> int:
-        """Numbers this node holds as feedback state (parameters, buffers, redraw keys)."""
-        tensors = [*self._parameters.values(), *self._buffers.values(), *self.__dict__.get("_draw_keys", {}).values()]
-        return sum(t.numel() for t in tensors if isinstance(t, Tensor))
 
     @property
     def weight(self) -> Tensor:

@@ -12,7 +12,6 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..audit import weights_on_backprop
-from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..record import record_of
 from ..registry import NAMESPACE
@@ -65,7 +64,6 @@ def convert_eagerly(
             routes += [(p, h.key) for p in route_paths(root, h)]
     installer.record(root, "eager", {"": reason}, routes=tuple(routes))
     root.forward = types.MethodType(_eager_forward, root)
-    root.load_state_dict = types.MethodType(eager_load_state_dict, root)
     finish(root)
     return root
 

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..checkpoint import eager_load_state_dict
 from ..install import FeedbackInstaller, finish
 from ..node import FeedbackNode
 from ..registry import NAMESPACE
@@ -164,7 +163,6 @@ def convert_in_modules(root: nn.Module, installer: FeedbackInstaller, kwargs: di
         owner.__dict__[_ROUTES] = mine
         owner.forward = types.MethodType(_linear_forward if plain else _owner_forward, owner)
     installer.record(root, "modules", {})
-    root.load_state_dict = types.MethodType(eager_load_state_dict, root)
     finish(root)
     return root
 
