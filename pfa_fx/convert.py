@@ -14,6 +14,7 @@ import inspect
 import types
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -176,63 +177,30 @@ def _check_capture(capture: Any) -> None:
         )
 
 
-def _build(
-    model: nn.Module,
-    rule: Any,
-    rule_options: Mapping[str, Any],
-    seed: int,
-    fallback: bool,
-    capture: str = "auto",
-    example_inputs: Any = None,
-) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
-    """The conversion itself: ``(converted model, traced copy, installer)``. Warnings are
-    attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
-    root = copy.deepcopy(model)
-    failures: list[str] = []
-    try:
-        kwargs = export.example_kwargs(root, example_inputs)
-    except TraceError as err:
-        kwargs, failures = None, [str(err)]
-    # with example inputs (given, or a Hugging Face model's own) torch.export goes first:
-    # torch.fx would bake a forward's None defaults in, and HF models' main inputs default to None
-    if capture == "modules":
-        installer = FeedbackInstaller(root, rule, dict(rule_options), seed, in_owners=True)
-        return modules.convert_in_modules(root, installer, kwargs), root, installer
-    order = {"auto": ("export", "fx") if kwargs is not None else ("fx", "export"), "eager": ()}.get(capture, (capture,))
-    for front_end in order:
-        if front_end == "fx":
-            try:
-                return _from_fx(root, model, rule, rule_options, seed, fallback)
-            except TraceError as err:
-                if capture == "fx" and not fallback:
-                    raise
-                failures.append(str(err).rstrip(". "))
-        elif kwargs is None:
-            failures.append("torch.export needs example inputs: pass example_inputs=")
-        else:
-            try:
-                converted, installer = _from_export(root, kwargs, rule, rule_options, seed)
-                return converted, root, installer
-            except TraceError as err:
-                failures.append(str(err).rstrip(". "))
-    if capture != "eager":
-        if not fallback:
-            raise TraceError("; ".join(failures))
-        # the trace errors end without a full stop (they quote the exception): add one
-        warnings.warn(
-            f"pfa_fx: {'; '.join(failures)}. The whole forward runs eagerly instead, with every "
-            "Linear/Conv/attention weight op intercepted at run time (no graph).",
-            stacklevel=3,
-        )
-    installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
-    reason = failures[0] if failures else "capture='eager'"
-    return eager.convert_eagerly(root, installer, reason, kwargs), root, installer
+@dataclass
+class _Conversion:
+    """What every front end is handed with the model's copy: the request, the example
+    inputs, and (once made) the installer its nodes go through. One signature for every
+    front end: ``front_end(root, conversion) -> converted model``."""
+
+    rule: Any
+    options: dict[str, Any]
+    seed: int
+    fallback: bool
+    kwargs: dict[str, Any] | None
+    class_name: str
+    training: bool
+    reason: str = ""  # why no graph: for the eager front end
+    installer: FeedbackInstaller | None = None
+
+    def install_into(self, model: nn.Module, in_owners: bool = False) -> FeedbackInstaller:
+        self.installer = FeedbackInstaller(model, self.rule, self.options, self.seed, in_owners=in_owners)
+        return self.installer
 
 
-def _from_fx(
-    root: nn.Module, model: nn.Module, rule: Any, rule_options: Mapping[str, Any], seed: int, fallback: bool
-) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
-    train_graph, eval_graph, leaf_paths = fx_trace.trace_modes(root, fallback)
+def _capture_fx(root: nn.Module, conv: _Conversion) -> nn.Module:
+    """torch.fx: a :class:`ConvertedModule` of the traced graphs (one per train/eval mode)."""
+    train_graph, eval_graph, leaf_paths = fx_trace.trace_modes(root, conv.fallback)
     for path, reason in leaf_paths.items():
         m = root.get_submodule(path)
         warnings.warn(
@@ -240,26 +208,26 @@ def _from_fx(
             "it runs as one opaque call whose weight ops are intercepted at run time.",
             stacklevel=4,
         )
-    gm = ConvertedModule(root, train_graph, eval_graph, type(model).__name__)
-    installer = FeedbackInstaller(gm, rule, dict(rule_options), seed)
+    gm = ConvertedModule(root, train_graph, eval_graph, conv.class_name)
+    installer = conv.install_into(gm)
     rewriter = Rewriter(gm, root, installer)
     for graph in {id(g): g for g in (train_graph, eval_graph)}.values():
         rewriter.rewrite(graph)
-    gm.train(model.training)
+    gm.train(conv.training)
     gm.recompile()
     rec = installer.record(gm, "fx graph", leaf_paths)
     rec.left_on_bp = matrix_products_left(gm, (train_graph, eval_graph), installer)
     rec.op_readers = weight_op_readers(gm, train_graph)
     finish(gm)
-    return gm, root, installer
+    return gm
 
 
-def _from_export(
-    root: nn.Module, kwargs: dict[str, Any], rule: Any, rule_options: Mapping[str, Any], seed: int
-) -> tuple[nn.Module, FeedbackInstaller]:
-    """``root`` (the copy) converted in place through torch.export, keeping its class."""
-    captured = export.export_modes(root, kwargs)
-    installer = FeedbackInstaller(root, rule, dict(rule_options), seed)
+def _capture_export(root: nn.Module, conv: _Conversion) -> nn.Module:
+    """torch.export: ``root`` converted in place, keeping its class."""
+    if conv.kwargs is None:
+        raise TraceError("torch.export needs example inputs: pass example_inputs=")
+    captured = export.export_modes(root, conv.kwargs)
+    installer = conv.install_into(root)
     installer.path = "export graph"
     rewriter = Rewriter(root, root, installer)
     graphs = tuple(captured.graphs.values())
@@ -277,7 +245,66 @@ def _from_export(
     export.install_forwards(root, captured)
     rec.op_readers = weight_op_readers(root, captured.graphs[True])
     finish(root)
-    return root, installer
+    return root
+
+
+def _capture_eager(root: nn.Module, conv: _Conversion) -> nn.Module:
+    """No graph: the model's own forward with its weight ops intercepted at run time."""
+    return eager.convert_eagerly(root, conv.install_into(root), conv.reason or "capture='eager'", conv.kwargs)
+
+
+def _capture_modules(root: nn.Module, conv: _Conversion) -> nn.Module:
+    """The module tree kept: each owner of a converted weight runs its op feedback-aware."""
+    return modules.convert_in_modules(root, conv.install_into(root, in_owners=True), conv.kwargs)
+
+
+#: capture name -> front end, all of one signature
+FRONT_ENDS = {"fx": _capture_fx, "export": _capture_export, "eager": _capture_eager, "modules": _capture_modules}
+
+
+def _build(
+    model: nn.Module,
+    rule: Any,
+    rule_options: Mapping[str, Any],
+    seed: int,
+    fallback: bool,
+    capture: str = "auto",
+    example_inputs: Any = None,
+) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
+    """The conversion itself: ``(converted model, traced copy, installer)``. Warnings are
+    attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
+    root = copy.deepcopy(model)
+    failures: list[str] = []
+    try:
+        kwargs = export.example_kwargs(root, example_inputs)
+    except TraceError as err:
+        kwargs, failures = None, [str(err)]
+    conv = _Conversion(rule, dict(rule_options), seed, fallback, kwargs, type(model).__name__, model.training)
+    # with example inputs (given, or a Hugging Face model's own) torch.export goes first:
+    # torch.fx would bake a forward's None defaults in, and HF models' main inputs default to None
+    graphs = ("export", "fx") if kwargs is not None else ("fx", "export")
+    order = {"auto": graphs, "eager": (), "modules": ()}.get(capture, (capture,))
+    for front_end in order:
+        try:
+            converted = FRONT_ENDS[front_end](root, conv)
+            return converted, root, conv.installer
+        except TraceError as err:
+            if front_end == "fx" and capture == "fx" and not fallback:
+                raise
+            failures.append(str(err).rstrip(". "))
+    if capture == "modules":
+        return _capture_modules(root, conv), root, conv.installer
+    if capture != "eager":
+        if not fallback:
+            raise TraceError("; ".join(failures))
+        # the trace errors end without a full stop (they quote the exception): add one
+        warnings.warn(
+            f"pfa_fx: {'; '.join(failures)}. The whole forward runs eagerly instead, with every "
+            "Linear/Conv/attention weight op intercepted at run time (no graph).",
+            stacklevel=3,
+        )
+    conv.reason = failures[0] if failures else ""
+    return _capture_eager(root, conv), root, conv.installer
 
 
 def _present_class_signature(converted: nn.Module, model: nn.Module) -> None:
