@@ -1,4 +1,4 @@
-"""A user's first hour (issue 13): mapping mistakes caught with the nearest op names, the
+"""A user's first hour: mapping mistakes caught with the nearest op names, the
 report showing options and state size, checkpoints that know their conversion, feedback
 state told apart from the model's parameters, metrics that restore the model's mode, and
 one error class for every bad rule or option."""
