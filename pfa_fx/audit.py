@@ -48,6 +48,8 @@ _PASS_THROUGH = (
     "UnsqueezeBackward",
     "SqueezeBackward",
     "ContiguousBackward",
+    "IndexBackward",  # an expert bank's rows gathered per token (batched_mm)
+    "IndexSelectBackward",
 )
 
 

@@ -125,7 +125,10 @@ class FeedbackInstaller:
         node = self.node_for(h.key, h.weight, h.groups, h.owner, path, h.transposed)
         if node is not None and h.bank is not None:
             node._weight_ref = [h.bank]  # the parameter itself: follows .to() and loads
-            node.expert_bank = True
+            if h.experts is None:
+                node.expert_bank = True  # kernels mixed per sample (CondConv)
+            else:
+                node.grouped_experts = h.experts  # a mixture-of-experts bank, one group per expert
         if node is not None and h.in_out is not None:
             node._weight_ref = [h.in_out]  # the (in, out) parameter itself, used as x @ W
             node.param_transposed = True

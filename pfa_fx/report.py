@@ -22,6 +22,8 @@ def _kind(node) -> str:
     kind = _KIND.get(len(node.weight_shape), f"{len(node.weight_shape)}-d")
     if getattr(node, "expert_bank", False):
         return f"{kind} expert bank"
+    if getattr(node, "grouped_experts", None):
+        return f"linear bank of {node.grouped_experts} experts"
     return kind.replace("conv", "conv_transpose") if getattr(node, "transposed", False) else kind
 
 

@@ -25,6 +25,7 @@ from .errors import ConversionError
 from .install import FeedbackInstaller
 from .node import FeedbackNode
 from .registry import NAMESPACE, attr
+from .rewrite_banks import rewrite_bank_product
 from .weights import (
     TRANSPOSED_MODULES,
     WEIGHT_MODULES,
@@ -79,6 +80,8 @@ class Rewriter:
                 self._note_unroutable(m, node.target, hidden)
                 if hidden:
                     self._rewrite_opaque_call(graph, node, hidden)
+            elif node.op == "call_function" and rewrite_bank_product(self, graph, node):
+                continue  # an expert bank applied per expert, or a matrix applied as W @ x
             elif node.op == "call_function" and (
                 node.target in _LINEAR_FNS or node.target in _CONV_FNS or node.target in _CONV_T_FNS
             ):
@@ -172,6 +175,11 @@ class Rewriter:
         if scope and key != scope and getattr(owner, "weight", None) is weight:
             key = scope  # a tied weight (an LM head sharing the embedding): named after the module applying it
         groups = bound.get("groups", 1)
+        if is_linear and weight.dim() != 2:  # a slice of an expert bank in a form the pass does not know
+            self.nodes.skipped[key] = (
+                f"a {weight.dim()}-D parameter applied by F.linear in a form the pass cannot route"
+            )
+            return
         if not isinstance(groups, int):
             # e.g. CondConv: one kernel per sample, mixed from experts by input-dependent
             # routing; its feedback would have to be mixed the same way

@@ -47,6 +47,7 @@ class HiddenWeight(NamedTuple):
     transposed: bool = False
     bank: torch.Tensor | None = None  # an expert bank's parameter (``weight`` is its kernel view)
     in_out: torch.Tensor | None = None  # an (in, out) parameter (``weight`` is its transpose)
+    experts: int | None = None  # a mixture-of-experts bank of this many experts (``bank`` its 3-D parameter)
 
 
 def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
@@ -63,6 +64,8 @@ def hidden_weights(m: nn.Module, path: str) -> list[HiddenWeight]:
             kernels = sub.weight.detach().reshape(bank)
             groups = sub.num_experts * getattr(sub, "groups", 1)
             found.append(HiddenWeight(f"{prefix}weight", base or "weight", kernels, groups, sub, False, sub.weight))
+        elif banks := expert_banks(sub, prefix):
+            found += banks  # mixture-of-experts banks (3-D parameters applied per expert)
         elif in_out and isinstance(sub, in_out) and isinstance(sub.weight, torch.Tensor) and sub.weight.dim() == 2:
             found.append(HiddenWeight(f"{prefix}weight", base or "weight", sub.weight.t(), 1, sub, in_out=sub.weight))
         elif isinstance(sub, WEIGHT_MODULES) and isinstance(sub.weight, torch.Tensor):
@@ -97,6 +100,31 @@ def expert_bank_shape(m: nn.Module) -> tuple[int, ...] | None:
     if w.dim() != 2 or tuple(w.shape) != (experts, math.prod(shape)):
         return None
     return (experts * shape[0], *shape[1:])
+
+
+def expert_banks(m: nn.Module, prefix: str = "") -> list[HiddenWeight]:
+    """The expert banks a mixture-of-experts module holds: its own 3-D parameters with one
+    entry per expert (``num_experts`` of them) on axis 0, stored ``(E, out, in)``, or
+    ``(E, in, out)`` where the module says ``is_transposed`` (transformers' experts classes)."""
+    experts = getattr(m, "num_experts", None)
+    if not isinstance(experts, int) or experts < 1:
+        return []
+    transposed = bool(getattr(m, "is_transposed", False))
+    return [
+        bank_weight(f"{prefix}{name}", p, m, transposed)
+        for name, p in m._parameters.items()
+        if isinstance(p, nn.Parameter) and p.dim() == 3 and p.shape[0] == experts
+    ]
+
+
+def bank_weight(path: str, bank: torch.Tensor, owner: nn.Module | None, transposed: bool) -> HiddenWeight:
+    """The :class:`HiddenWeight` of a bank ``(E, a, b)``: its node's weight is the bank as
+    ``E`` groups, ``(E·a, b)``, as a convolution's (``transposed``: ``(E, in, out)``, held like
+    a transposed convolution's ``(in, out/groups)``)."""
+    experts = bank.shape[0]
+    view = bank.detach().reshape(experts * bank.shape[1], bank.shape[2])
+    key = path[: -len(".weight")] if path.endswith(".weight") else path
+    return HiddenWeight(path, key, view, experts, owner, transposed, bank, experts=experts)
 
 
 def weights_passed_to(gm: nn.Module, node: fx.Node) -> list[HiddenWeight]:
@@ -170,7 +198,9 @@ __all__ = [
     "TRANSPOSED_MODULES",
     "WEIGHT_MODULES",
     "HiddenWeight",
+    "bank_weight",
     "expert_bank_shape",
+    "expert_banks",
     "get_module",
     "hidden_weights",
     "in_out_linear_modules",

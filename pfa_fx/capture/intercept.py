@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import expert_ops, ops
 from ..node import FeedbackNode
+from . import banks
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
@@ -163,6 +164,10 @@ class RouteWeightOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if banks.is_bank_function(func):  # an expert bank applied per expert, a matrix as W @ x
+            out = banks.route(func, args, kwargs, self.routes)
+            if out is not banks.NOT_ROUTED:
+                return out
         if func in _LINEAR or func in _CONV or func in _CONV_T:
             return _route_call(func, args, kwargs, self.routes)
         if func in _MATMUL or func in _ADDMM:
@@ -188,8 +193,11 @@ class _RecordMatrixUses(TorchFunctionMode):
             self._note(w, in_out=False)
         elif func in _MATMUL or func in _ADDMM:
             w = (args[2] if len(args) > 2 else kwargs.get("mat2")) if func in _ADDMM else args[-1] if args else None
+            left = args[0] if func in _MATMUL and len(args) == 2 else None
             if isinstance(w, Tensor) and id(w) in self.params:
                 self._note(w, in_out=True)
+            elif isinstance(left, Tensor) and id(left) in self.params and isinstance(w, Tensor) and w.dim() >= 2:
+                self._note(left, in_out=False)  # W @ x: W held (out, in)
             elif (
                 isinstance(w, Tensor) and w._base is not None and w.dim() == 2 and w.stride() == w._base.stride()[::-1]
             ):

@@ -1,0 +1,192 @@
+"""Mixture-of-experts expert banks (3-D parameters applied per expert) and matrices applied
+as the left operand (``W @ x``) are weight ops: one node per bank whose state has the
+expert axis, the forward identical for every way a bank is applied (transformers' eager
+loop, ``batched_mm``, ``grouped_mm`` and its fallback op) on every front end, the error of
+the tokens routed to expert ``e`` sent down through ``W_b[e]``, grad_W backprop's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pfa_fx
+from pfa_fx.audit import weights_on_backprop
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.integrations.moe")  # registers transformers::grouped_mm_fallback
+
+E, OUT, IN, N = 4, 8, 4, 11  # float32 grouped_mm wants 16-byte strides
+DT = torch.float64
+
+
+class Bank(nn.Module):
+    """One bank applied to rows routed one expert each, in each of transformers' ways."""
+
+    def __init__(self, impl: str, transposed: bool = False):
+        super().__init__()
+        self.impl, self.num_experts, self.is_transposed = impl, E, transposed
+        self.w = nn.Parameter(torch.randn((E, IN, OUT) if transposed else (E, OUT, IN)) / IN**0.5)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        w, t = self.w, self.is_transposed
+        if self.impl == "eager":
+            out = x.new_zeros(x.shape[0], OUT)
+            for e in range(E):
+                rows = (ids == e).nonzero()[:, 0]
+                y = x[rows] @ w[e] if t else F.linear(x[rows], w[e])
+                out = out.index_add(0, rows, y)
+            return out
+        if self.impl == "batched":
+            sel = w[ids]
+            return (torch.bmm(x.unsqueeze(1), sel).squeeze(1)) if t else torch.bmm(sel, x.unsqueeze(-1)).squeeze(-1)
+        order = torch.argsort(ids)
+        offs = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+        op = w if t else w.transpose(-2, -1)
+        if self.impl == "grouped":
+            y = F.grouped_mm(x[order], op, offs=offs)
+        else:  # transformers' own fallback op (any dtype; what torch.export records)
+            y = torch.ops.transformers.grouped_mm_fallback(x[order], op, offs=offs)
+        return y[torch.argsort(order)]
+
+
+def _inputs(dtype=DT, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, IN, generator=g, dtype=dtype)
+    ids = torch.randint(0, E, (N,), generator=g)
+    ids[:E] = torch.arange(E)  # every expert gets a row
+    return x, ids, torch.randn(N, OUT, generator=g, dtype=dtype)
+
+
+def _per_expert(node, rule: str) -> torch.Tensor:
+    """``W_b`` per expert ``(E, out, in)`` in the linear orientation, built from the node's state
+    expert by expert (independently of the op), checked against ``feedback_weight()``."""
+    wb = node.feedback_weight()
+    fb = wb.reshape(E, IN, OUT).transpose(1, 2) if node.transposed else wb.reshape(E, OUT, IN)
+    for e in range(E):
+        if rule in ("fa", "kp"):
+            ref = node.B.reshape(E, -1, node.weight_shape[1])[e]
+        elif rule == "pfa-compact":
+            ref = node.G[e] @ node.S.reshape(E, OUT, IN)[e]
+        else:
+            ref = node.B[e] @ node.R.reshape(E, -1, IN)[e]
+        if node.transposed:
+            ref = ref.reshape(IN, OUT).t() if rule in ("fa", "kp") else ref
+        torch.testing.assert_close(fb[e], ref, rtol=0, atol=1e-12)
+    return fb
+
+
+RULES = {
+    "fa": ("fa", {}),
+    "kp": ("kp", {}),
+    "pfa-compact": ("pfa", {"expansion": 2, "compact": True}),
+    "pfa": ("pfa", {"expansion": 2}),
+}
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched", "fallback"])
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("capture", ["eager", "fx", "modules"])
+def test_grouped_feedback_equals_an_independent_per_expert_loop(impl, rule, capture):
+    torch.manual_seed(0)
+    native = Bank(impl).to(DT)
+    name, opts = RULES[rule]
+    x, ids, G = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # capture="modules" without example inputs names nothing here
+        conv = pfa_fx.convert(native, name, capture=capture, strict=True, **opts)
+    ((key, node),) = pfa_fx.feedback_modules(conv)
+    assert key == "w" and node.groups == E and node.weight_shape == (E * OUT, IN)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [native(xs[0], ids), conv(xs[1], ids)]
+    assert torch.equal(outs[0], outs[1])
+    for out in outs:
+        (out * G).sum().backward()
+    fb = _per_expert(node, rule)
+    gx_ref = torch.stack([G[n] @ fb[ids[n]] for n in range(N)])  # the error of row n through W_b[its expert]
+    torch.testing.assert_close(xs[1].grad, gx_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv.w.grad, native.w.grad, rtol=0, atol=1e-12)  # grad_W: BP's
+    gw = native.w.grad.reshape(E * OUT, IN)
+    if rule in ("kp", "pfa-compact"):
+        state = node.B if rule == "kp" else node.S
+        torch.testing.assert_close(state.grad, gw, rtol=0, atol=1e-12)
+    elif rule == "pfa":
+        ref = torch.cat([node.B[e].t() @ gw[e * OUT : (e + 1) * OUT] for e in range(E)])
+        torch.testing.assert_close(node.R.grad, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched", "grouped"])
+def test_transposed_banks_and_float32_grouped_mm(impl):
+    """gpt-oss's layout ``(E, in, out)`` applied as ``x @ K[e]``; ``F.grouped_mm`` (float32 only on the CPU)."""
+    torch.manual_seed(0)
+    native = Bank(impl, transposed=True)
+    conv = pfa_fx.convert(native, "fa", capture="eager", strict=True)
+    ((_, node),) = pfa_fx.feedback_modules(conv)
+    assert node.transposed and node.weight_shape == (E * IN, OUT)
+    x, ids, G = _inputs(torch.float32)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [native(xs[0], ids), conv(xs[1], ids)]
+    assert torch.equal(outs[0], outs[1])
+    for out in outs:
+        (out * G).sum().backward()
+    fb = node.B.reshape(E, IN, OUT)  # W_b[e], applied as x @ W_b[e]
+    gx_ref = torch.stack([fb[ids[n]] @ G[n] for n in range(N)])
+    torch.testing.assert_close(xs[1].grad, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.w.grad, native.w.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_the_feedback_bank_is_built_once_per_backward_for_the_calls_of_the_eager_loop():
+    torch.manual_seed(0)
+    conv = pfa_fx.convert(Bank("eager").to(DT), "pfa", capture="eager", expansion=2)
+    ((_, node),) = pfa_fx.feedback_modules(conv)
+    built = []
+    original = node.feedback_from
+    node.feedback_from = lambda *a, **k: built.append(1) or original(*a, **k)
+    x, ids, G = _inputs()
+    for _ in range(2):
+        (conv(x.requires_grad_(), ids) * G).sum().backward()
+    assert len(built) == 2  # E calls per backward, one W_b each backward
+    assert "_pfa_bank_feedback" not in node.__dict__  # not held once the backward is done
+
+
+def test_bp_rule_reproduces_autograd_exactly():
+    torch.manual_seed(0)
+    native = Bank("eager").to(DT)
+    conv = pfa_fx.convert(native, "bp", capture="eager", strict=True)
+    x, ids, G = _inputs()
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for model, xi in zip((native, conv), xs):
+        (model(xi, ids) * G).sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad) and torch.equal(native.w.grad, conv.w.grad)
+
+
+class LeftOperand(nn.Module):
+    """A state-space-style projection applied as ``W @ x`` (and a 2-D one as ``x @ P.T``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(OUT, IN) / IN**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, in, length)
+        return torch.matmul(self.A, x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "eager", "modules"])
+def test_a_weight_applied_as_the_left_operand_converts_like_x_at_w_t(capture):
+    torch.manual_seed(0)
+    native = LeftOperand().to(DT)
+    x = torch.randn(3, IN, 7, dtype=DT)
+    conv = pfa_fx.convert(native, "fa", capture=capture, strict=True, example_inputs=(x,))
+    ((key, node),) = pfa_fx.feedback_modules(conv)
+    assert key == "A" and node.weight_shape == (OUT, IN)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [native(xs[0]), conv(xs[1])]
+    assert torch.equal(outs[0], outs[1]) and weights_on_backprop(outs[1].sum(), conv) == []
+    G = torch.randn_like(outs[0])
+    for out in outs:
+        (out * G).sum().backward()
+    torch.testing.assert_close(xs[1].grad, node.B.t() @ G, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv.A.grad, native.A.grad, rtol=0, atol=1e-12)
