@@ -142,8 +142,10 @@ def from_node_view(node: FeedbackNode, T: Tensor, K: Tensor) -> Tensor:
 
 def bank_feedback(node: FeedbackNode, K: Tensor, state: tuple[Tensor, ...]) -> Tensor:
     """``W_b`` in ``K``'s layout, built once for the calls of one backward: kept on the node
-    while calls of this step are pending, keyed by the tensors (and versions) it comes from."""
-    key = (K.data_ptr(), K._version, K.dtype, tuple((s.data_ptr(), s._version) for s in state))
+    while calls of this step are pending, keyed by the backward (autograd's graph task) and the
+    tensors (and versions) it comes from."""
+    task = torch._C._current_graph_task_id()  # this backward: nothing is reused across backwards
+    key = (task, K.data_ptr(), K._version, K.dtype, tuple((s.data_ptr(), s._version) for s in state))
     cached = node.__dict__.get("_pfa_bank_feedback")
     if cached is not None and cached[0] == key:
         return cached[1]

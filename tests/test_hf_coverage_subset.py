@@ -1,7 +1,7 @@
 """A fast subset of the Hugging Face coverage sweep (benchmarks/hf_coverage.py) as tests: a
 causal LM, a masked LM and an image classifier, each built from a small config, converted
 through torch.export and checked exactly as the sweep checks them; a Mixture-of-Experts model
-whose expert banks stay on BP (slow, strict xfail: it flips when pfa_fx converts them); the sweep's
+whose expert banks (transformers' grouped_mm) are converted too (slow); the sweep's
 own detector of matrix products the audit does not list; and its bookkeeping (timeout row,
 summary from the CSV)."""
 
@@ -41,10 +41,6 @@ def test_encoder_and_image_classifier_are_clean_under_fa(name):
 
 
 @pytest.mark.slow  # 12 s; the sweep runs it too
-@pytest.mark.xfail(
-    strict=True,
-    reason="pfa_fx does not convert transformers' grouped_mm expert banks (3-D gate_up_proj / down_proj)",
-)
 def test_mixtral_expert_banks_are_converted():
     (row,) = hf_coverage.check_spec("mixtral", ["fa"])
     _assert_clean(row)

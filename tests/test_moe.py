@@ -190,3 +190,136 @@ def test_a_weight_applied_as_the_left_operand_converts_like_x_at_w_t(capture):
         (out * G).sum().backward()
     torch.testing.assert_close(xs[1].grad, node.B.t() @ G, rtol=0, atol=1e-12)
     torch.testing.assert_close(conv.A.grad, native.A.grad, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------- Hugging Face MoE
+VOCAB = 97
+_DEC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+_TOK = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+#: tiny configs: hidden 32, 4 experts, top-2, 2 layers
+MOE_CONFIGS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(intermediate_size=32, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=32, head_dim=8)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+    ),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=32, num_local_experts=4, head_dim=8)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(intermediate_size=32, num_local_experts=4)),
+}
+
+
+NOT_EXPORTED = {"deepseek_v3", "granitemoe"}
+
+
+def moe_model(family: str, implementation: str | None = None, seed: int = 0) -> nn.Module:
+    cfg_name, cls_name, extra = MOE_CONFIGS[family]
+    cfg = getattr(transformers, cfg_name)(num_experts_per_tok=2, **_DEC, **_TOK, **extra)
+    if implementation is not None:
+        cfg._experts_implementation = implementation
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(cfg)
+    with torch.no_grad():  # some families start banks (or routers) at zero or uninitialised
+        for name, p in model.named_parameters():
+            if (
+                p.dim() == 3
+                or "router" in name
+                or name.endswith(("gate.weight", "gate_up_proj_bias", "down_proj_bias"))
+            ):
+                p.normal_(0, 0.1)
+    return model
+
+
+def _ids(batch=2, seq=9, seed=0):
+    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _banks(model) -> list[str]:
+    return [k for k, n in pfa_fx.feedback_modules(model) if getattr(n, "grouped_experts", None)]
+
+
+def _check_converted(native, conv, layers=2, sgd=True):
+    ids = _ids()
+    native.eval(), conv.eval()
+    assert torch.equal(native(ids).logits, conv(ids).logits)
+    native.train(), conv.train()
+    torch.manual_seed(1)
+    ref = native(ids).logits
+    torch.manual_seed(1)
+    out = conv(ids).logits
+    assert torch.equal(ref, out)
+    assert weights_on_backprop(out.sum(), conv) == []  # nothing left on BP, expert banks included
+    rep = pfa_fx.report(conv)
+    # left alone: the embedding table, and gpt-oss's expert biases (added per expert, no product)
+    assert rep.not_converted == {} and all("embed" in a.name or a.name.endswith("_bias") for a in rep.left_alone)
+    assert len(_banks(conv)) == 2 * layers
+    if sgd:
+        opt = torch.optim.SGD(pfa_fx.model_parameters(conv), lr=0.1)
+        out.float().square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in conv.parameters() if p.grad is not None)
+        opt.step()
+        assert torch.isfinite(conv(ids).logits).all()
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_hf_moe_families_convert_every_expert_bank_under_fa(family):
+    native = moe_model(family)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conv = pfa_fx.convert(native, "fa", strict=True)  # the default front end: torch.export
+    # torch.export cannot capture these two in this transformers (DeepSeek-V3's attention under
+    # dynamic shapes, Granite-MoE's cache in the output): the eager interception converts them
+    expected = "eager" if family in NOT_EXPORTED else "export graph"
+    assert {n.conversion_path for _, n in pfa_fx.feedback_modules(conv)} == {expected}, [str(w.message) for w in caught]
+    _check_converted(native, conv)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("capture", ["auto", "eager", "modules"])
+def test_every_experts_implementation_on_every_front_end(implementation, capture):
+    native = moe_model("mixtral", implementation)
+    ids = {"input_ids": _ids()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eager loop cannot be exported: auto falls back, warning
+        conv = pfa_fx.convert(native, "fa", capture=capture, strict=True, example_inputs=ids)
+    _check_converted(native, conv, sgd=False)
+
+
+@pytest.mark.parametrize("rule", sorted(pfa_fx.RULES))
+def test_every_rule_trains_a_small_qwen3_moe(rule):
+    native = moe_model("qwen3_moe")
+    conv = pfa_fx.convert(native, rule, strict=True)
+    _check_converted(native, conv)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])  # grouped_mm has no float64 CPU kernel
+def test_router_gradient_and_grad_w_are_unchanged_under_bp(implementation):
+    native = moe_model("mixtral", implementation).double()
+    conv = pfa_fx.convert(native, "bp", strict=True)
+    ids = _ids()
+    for model in (native, conv):
+        model.train()
+        model(ids).logits.square().mean().backward()
+    grads = dict(conv.named_parameters())
+    for name, p in native.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=0, atol=1e-12, msg=name)
