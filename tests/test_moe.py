@@ -323,3 +323,102 @@ def test_router_gradient_and_grad_w_are_unchanged_under_bp(implementation):
     grads = dict(conv.named_parameters())
     for name, p in native.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=0, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------------------ FSDP2
+WORLD = 2
+#: (family, rule, options) trained on 2 gloo processes and on 1
+FSDP_CASES = [
+    ("mixtral", "fa", {}),
+    ("qwen3_moe", "fa", {}),
+    ("mixtral", "pfa", {"expansion": 2, "compact": True}),
+    ("qwen3_moe", "kp", {}),
+]
+
+
+def _fsdp_label(family: str, rule: str, opts: dict) -> str:
+    return "-".join([family, rule, *map(str, opts.values())])
+
+
+def _moe_converted(family: str, rule: str, opts: dict) -> nn.Module:
+    example = {"input_ids": _ids(2, 8, seed=5)}  # the probe forward finds the routers' bare weights
+    return pfa_fx.convert(moe_model(family), rule, capture="modules", seed=3, example_inputs=example, **opts)
+
+
+def _moe_train(model: nn.Module, rank: int = 0, world: int = 1) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(1, VOCAB, (4, 8), generator=gen).chunk(world)[rank]
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = {}
+    for family, rule, opts in FSDP_CASES:
+        model = _moe_converted(family, rule, opts)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        _moe_train(model, rank, WORLD)
+        banks = {
+            name: (p.to_local().numel(), p.numel())
+            for name, p in model.named_parameters()
+            if ".experts.pfa_feedback." in name
+        }
+        state = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
+        results[_fsdp_label(family, rule, opts)] = {"state": state, "banks": banks}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def moe_sharded_runs(tmp_path_factory):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path_factory.mktemp("moe_fsdp"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_worker, args=(port, out), nprocs=WORLD, start_method="spawn")
+    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("family,rule,opts", FSDP_CASES, ids=[_fsdp_label(*c) for c in FSDP_CASES])
+def test_fsdp2_two_processes_train_a_moe_as_one_process(moe_sharded_runs, family, rule, opts):
+    label = _fsdp_label(family, rule, opts)
+    single = _moe_converted(family, rule, opts)
+    _moe_train(single)
+    ref = {k: v for k, v in single.state_dict().items() if isinstance(v, torch.Tensor)}
+    got = moe_sharded_runs[0][label]["state"]
+    assert set(got) == set(ref)
+    for k, v in got.items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=f"{label}: {k}")  # test_fsdp's tolerance
+    # each rank holds half of every expert bank's feedback state (dim 0 runs over the experts)
+    for r in moe_sharded_runs:
+        banks = r[label]["banks"]
+        assert len(banks) >= 4, banks
+        for name, (local, whole) in banks.items():
+            assert 2 * local == whole, (name, local, whole)
