@@ -25,6 +25,7 @@ FA unstored ≤ 1.02 × BP.
     python benchmarks/feedback_storage.py                       # both parts, CPU
     python benchmarks/feedback_storage.py --part time --models resnet18 --size 32 --batch 32
     python benchmarks/feedback_storage.py --part memory --device cuda
+    python benchmarks/feedback_storage.py --part time --rules fa --generator philox   # counter-based draws
 """
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.step()
 
 
+#: convert's generator= for every conversion (set from --generator)
+GENERATOR = "mt19937"
+
+
 def _convert(base: nn.Module, rule: str | None, opts: dict, store: bool) -> nn.Module:
     if rule is None:
         return copy.deepcopy(base)
-    return pfa_fx.convert(base, rule, seed=0, store_feedback=store, **opts)
+    return pfa_fx.convert(base, rule, seed=0, store_feedback=store, generator=GENERATOR, **opts)
 
 
 # ------------------------------------------------------------------------------- time
@@ -241,10 +246,13 @@ def main(argv: list[str] | None = None) -> str:
         default="wall",
         help="time steps by the wall clock or by process CPU time",
     )
+    p.add_argument("--generator", choices=["mt19937", "philox"], default="mt19937", help="how fixed feedback is drawn")
     p.add_argument("--out", help="append the markdown tables to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global GENERATOR
+    GENERATOR = args.generator
     parts = []
     if args.part in ("time", "both"):
         parts.append(time_table(args))

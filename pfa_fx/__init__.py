@@ -9,7 +9,7 @@ each with a typed config (``pfa_fx.PFA(expansion=10, compact=True)``), and your 
 
 __version__ = "0.1.0"
 
-from . import hf
+from . import counter_rng, hf
 from .checkpoint import conversion_config
 from .config import RuleConfig
 from .convert import convert, op_names
@@ -60,6 +60,7 @@ __all__ = [
     "clip_grad_norm_",
     "conversion_config",
     "convert",
+    "counter_rng",
     "feedback_modules",
     "feedback_parameters",
     "floor_alignment",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .draws import GENERATOR_RECORD
 from .errors import ConversionError, short_list
 from .node import FeedbackNode
 from .registry import NAMESPACE, feedback_modules, node_path, op_of_state_key
@@ -99,15 +100,24 @@ def eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args:
 
 
 def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
-    versions = {node.rule: node.config_type.VERSION for _, node in feedback_modules(module)}
-    local_metadata[CHECKPOINT_KEY] = {"format": 1, "ops": conversion_config(module), "versions": versions}
+    nodes = [node for _, node in feedback_modules(module)]
+    versions = {node.rule: node.config_type.VERSION for node in nodes}
+    record = {"format": 1, "ops": conversion_config(module), "versions": versions}
+    generators = {node.generator for node in nodes}
+    if generators - {"mt19937"}:  # recorded where it is not the default, as checkpoints always were
+        record["generator"] = GENERATOR_RECORD[generators.pop()] if len(generators) == 1 else "mixed"
+    local_metadata[CHECKPOINT_KEY] = record
 
 
 def _recorded_ops(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """A checkpoint's ``{op: config}``, each with the ``version`` of its rule's config when
     saved (1 for checkpoints that predate versions)."""
     versions = saved.get("versions", {})
-    return {op: {**cfg, "version": versions.get(cfg.get("rule"), 1)} for op, cfg in saved.get("ops", {}).items()}
+    generator = saved.get("generator", GENERATOR_RECORD["mt19937"])
+    return {
+        op: {**cfg, "version": versions.get(cfg.get("rule"), 1), "generator": generator}
+        for op, cfg in saved.get("ops", {}).items()
+    }
 
 
 def _state_leaves(node: FeedbackNode) -> set[str]:
@@ -136,7 +146,10 @@ def _same_config(theirs: Mapping[str, Any] | None, node: FeedbackNode | None) ->
     # under another seed; the others carry every draw in their saved tensors, except where
     # the checkpoint's conversion redrew them (store_feedback=False): its seed defines them
     redrawn = node.draws_from_seed or (bool(node.fixed_draws) and _unstored(theirs))
-    return not (redrawn and theirs.get("seed", node.seed) != node.seed)
+    generator = theirs.get("generator", GENERATOR_RECORD["mt19937"])
+    return not (
+        redrawn and (theirs.get("seed", node.seed) != node.seed or generator != GENERATOR_RECORD[node.generator])
+    )
 
 
 def _unstored(config: Mapping[str, Any] | None) -> bool:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .capture import eager, export, fx_trace, modules
+from .draws import GENERATORS
 from .errors import ConversionError, ConversionTypeError, TraceError, did_you_mean
 from .graph_module import ConvertedModule
 from .install import FeedbackInstaller, finish
@@ -44,6 +45,7 @@ def convert(
     strict: bool = False,
     capture: str = "auto",
     example_inputs: Any = None,
+    generator: str = "mt19937",
     **rule_options: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` whose weight ops send errors through feedback weights.
@@ -82,6 +84,13 @@ def convert(
             names each op's front end.
         example_inputs: inputs for torch.export: a dict of keyword tensors, a tensor or a
             tuple of positional tensors. Their batch and sequence sizes are not baked in.
+        generator: how fixed random feedback (FA's, SF's and KP/WM/PAL's initial ``B``, frSF's
+            ``M``, PFA's ``B``) is drawn: ``"mt19937"`` (default: torch's CPU Mersenne Twister
+            in float64, then cast) or ``"philox"`` (Philox-4x32-10, counter-based: each draw a
+            pure function of ``(seed, op name, stream, position)``, computed on the op's own
+            device, the same bits on every device, any slice drawable alone;
+            :mod:`pfa_fx.counter_rng`). The two give different numbers for the same seed;
+            checkpoints record which.
         **rule_options: options for the rules that accept them, e.g. ``expansion=10``,
             ``compact=True``, ``route="auto"`` (pfa, pfa-o), ``variant="frsf"`` (sf),
             ``sigma``, ``mirror_lr``, ``decay`` (wm), ``sigma``, ``feedback_lr``, ``decay`` (pal).
@@ -122,7 +131,11 @@ def convert(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConversionTypeError(f"seed must be an int, got {seed!r}")
     _check_capture(capture)
-    converted, root, installer = _build(model, rule, rule_options, seed, fallback, capture, example_inputs)
+    if generator not in GENERATORS:
+        raise ConversionError(
+            f"unknown generator {generator!r}; valid: {', '.join(map(repr, GENERATORS))}{did_you_mean(generator, GENERATORS)}"
+        )
+    converted, root, installer = _build(model, rule, rule_options, seed, fallback, capture, example_inputs, generator)
     _present_class_signature(converted, model)
     problems = mapping_problems(rule, installer.owners)
     if strict and problems:
@@ -190,11 +203,13 @@ class _Conversion:
     kwargs: dict[str, Any] | None
     class_name: str
     training: bool
+    generator: str = "mt19937"
     reason: str = ""  # why no graph: for the eager front end
     installer: FeedbackInstaller | None = None
 
     def install_into(self, model: nn.Module, in_owners: bool = False) -> FeedbackInstaller:
         self.installer = FeedbackInstaller(model, self.rule, self.options, self.seed, in_owners=in_owners)
+        self.installer.generator = self.generator
         return self.installer
 
 
@@ -270,6 +285,7 @@ def _build(
     fallback: bool,
     capture: str = "auto",
     example_inputs: Any = None,
+    generator: str = "mt19937",
 ) -> tuple[nn.Module, nn.Module, FeedbackInstaller]:
     """The conversion itself: ``(converted model, traced copy, installer)``. Warnings are
     attributed to the caller of ``convert`` / ``op_names`` (stacklevel 3)."""
@@ -279,7 +295,9 @@ def _build(
         kwargs = export.example_kwargs(root, example_inputs)
     except TraceError as err:
         kwargs, failures = None, [str(err)]
-    conv = _Conversion(rule, dict(rule_options), seed, fallback, kwargs, type(model).__name__, model.training)
+    conv = _Conversion(
+        rule, dict(rule_options), seed, fallback, kwargs, type(model).__name__, model.training, generator
+    )
     # with example inputs (given, or a Hugging Face model's own) torch.export goes first:
     # torch.fx would bake a forward's None defaults in, and HF models' main inputs default to None
     graphs = ("export", "fx") if kwargs is not None else ("fx", "export")

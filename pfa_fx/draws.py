@@ -26,11 +26,54 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def seeded_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, name)``: same draws in every process, no communication."""
+#: the generators fixed random feedback can be drawn with (``convert(generator=...)``)
+GENERATORS = ("mt19937", "philox")
+#: what a checkpoint records of each: the name and version of the draws it defines
+GENERATOR_RECORD = {"mt19937": "mt19937-float64/1", "philox": "philox4x32-10-boxmuller/1"}
+
+
+class CounterStream(torch.Generator):
+    """A node's generator under ``generator="philox"``: its Gaussian draws (:func:`gaussian_draw`)
+    are numbered streams of :mod:`pfa_fx.counter_rng` keyed by ``(seed, op name)``, pure functions
+    of (key, stream, position) drawn on any device, any slice alone. Other draws (child seeds,
+    uniform initialisations of learned state) use the CPU generator this also is, seeded by
+    the same key."""
+
+    def __new__(cls, key: int, next_stream: int = 0) -> CounterStream:
+        return super().__new__(cls, device="cpu")  # torch.Generator's first argument is the device
+
+    def __init__(self, key: int, next_stream: int = 0):  # torch.Generator has no __init__ to call
+        self.manual_seed(key)
+        self.key, self.next_stream = key, next_stream
+
+    def take_stream(self) -> int:
+        stream, self.next_stream = self.next_stream, self.next_stream + 1
+        return stream
+
+
+def seeded_generator(seed: int, name: str, kind: str = "mt19937") -> torch.Generator:
+    """A generator seeded by ``(seed, name)``: same draws in every process, no communication.
+    ``kind``: ``"mt19937"`` (torch's CPU Mersenne Twister, float64 Gaussians) or ``"philox"``
+    (a :class:`CounterStream`)."""
+    key = derived_seed("pfa_fx", seed, name)
+    if kind == "philox":
+        return CounterStream(key)
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(derived_seed("pfa_fx", seed, name))
+    gen.manual_seed(key)
     return gen
+
+
+def gaussian_draw(generator: torch.Generator, shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    """Standard normal float64 numbers of ``shape``: the next Gaussian draw of ``generator``
+    (a :class:`CounterStream` draws its next stream on ``device``; a torch generator on the CPU)."""
+    if isinstance(generator, CounterStream):
+        from . import counter_rng
+
+        n = math.prod(shape)
+        return counter_rng.gaussian(
+            generator.key, generator.take_stream(), 0, n, dtype=torch.float64, device=device
+        ).view(shape)
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
 def xavier_std(shape: torch.Size | tuple[int, ...]) -> float:
@@ -61,18 +104,23 @@ def gaussian_pieces(generator: torch.Generator, numel: int, std: float, piece: i
         start = stop
 
 
-def generator_key(generator: torch.Generator) -> int | Tensor:
+def generator_key(generator: torch.Generator) -> int | Tensor | tuple[int, int]:
     """What :func:`generator_at` needs to restart ``generator`` from where it is now: its seed
     when nothing was drawn since it was seeded (the case of every node :func:`pfa_fx.convert`
-    makes: a few bytes), else a snapshot of its state (5 KiB, a uint8 tensor)."""
+    makes: a few bytes), else a snapshot of its state (5 KiB, a uint8 tensor); for a
+    :class:`CounterStream`, ``(key, next stream)``."""
+    if isinstance(generator, CounterStream):
+        return (generator.key, generator.next_stream)
     seed = generator.initial_seed()
     if torch.equal(torch.Generator().manual_seed(seed).get_state(), generator.get_state()):
         return seed
     return generator.get_state()
 
 
-def generator_at(key: int | Tensor) -> torch.Generator:
+def generator_at(key: int | Tensor | tuple[int, int]) -> torch.Generator:
     """A fresh CPU generator where :func:`generator_key` found one."""
+    if isinstance(key, tuple):
+        return CounterStream(*key)
     gen = torch.Generator()
     if isinstance(key, Tensor):
         gen.set_state(key)
@@ -235,13 +283,23 @@ class Redrawing:
             dtype, device = like.dtype, like.device
         out = torch.empty(self.weight_shape, dtype=dtype, device=device)
         flat = out.view(-1)
-        for start, stop, values in gaussian_pieces(generator_at(self._draw_keys[key]), out.numel(), std):
-            flat[start:stop].copy_(self._trail.apply(values))
+        draw_key = self._draw_keys[key]
+        if isinstance(draw_key, tuple):  # counter-based: each piece drawn alone, on the op's device
+            from . import counter_rng
+
+            seed, stream = draw_key
+            for start in range(0, flat.numel(), REDRAW_PIECE):
+                n = min(REDRAW_PIECE, flat.numel() - start)
+                values = counter_rng.gaussian(seed, stream, start, n, dtype=torch.float64, device=device).mul_(std)
+                flat[start : start + n].copy_(self._trail.apply(values))
+        else:
+            for start, stop, values in gaussian_pieces(generator_at(draw_key), out.numel(), std):
+                flat[start:stop].copy_(self._trail.apply(values))
         fmt = self._redraw_format()
         return out if fmt == torch.contiguous_format else out.contiguous(memory_format=fmt)
 
     @staticmethod
     def draw(shape: tuple[int, ...], generator: torch.Generator, like: Tensor, std: float) -> Tensor:
-        """Gaussian draw on the CPU in float64, then cast: identical values on every device."""
-        t = torch.randn(shape, generator=generator, dtype=torch.float64) * std
-        return t.to(device=like.device, dtype=like.dtype)
+        """The generator's next Gaussian draw in float64 (on the CPU; a :class:`CounterStream`'s
+        on ``like``'s device), times ``std``, then cast: identical values on every device."""
+        return (gaussian_draw(generator, shape, like.device) * std).to(device=like.device, dtype=like.dtype)

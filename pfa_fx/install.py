@@ -31,16 +31,19 @@ def make_node(
     seed: int,
     key: str,
     transposed: bool = False,
+    generator: str = "mt19937",
 ) -> FeedbackNode:
     """The node of ``rule`` (a config, or a name with ``opts``, of which the options the rule
-    accepts are taken) for one weight, its state drawn from ``(seed, key)``."""
+    accepts are taken) for one weight, its state drawn from ``(seed, key)`` with ``generator``."""
     if not isinstance(rule, RuleConfig):
         accepted = rule_class(rule).config_type.option_names()
         rule = config_for(rule, {k: v for k, v in opts.items() if k in accepted})
     config = rule
     cls = node_class_of(config)
-    node = cls(weight, groups=groups, generator=seeded_generator(seed, key), transposed=transposed, config=config)
+    gen = seeded_generator(seed, key, generator)
+    node = cls(weight, groups=groups, generator=gen, transposed=transposed, config=config)
     node.seed = seed  # what the node's draws came from: saved with checkpoints, checked on load
+    node.generator = generator
     return node
 
 
@@ -57,6 +60,7 @@ class FeedbackInstaller:
         in_owners: bool = False,
     ):
         self.model, self.spec, self.options, self.seed = model, spec, options, seed
+        self.generator = "mt19937"  # how fixed feedback is drawn (convert's generator=)
         # in_owners: each node a child of the module owning its weight (registry.owner_slot),
         # for the module-preserving front end; else all under one namespace at the root
         self.in_owners = in_owners
@@ -95,7 +99,7 @@ class FeedbackInstaller:
         config = resolve_spec(self.spec, key, owner, self.options)
         node = None
         if config is not None:
-            node = make_node(config, {}, weight, groups, self.seed, key, transposed)
+            node = make_node(config, {}, weight, groups, self.seed, key, transposed, self.generator)
             node.op_name = key
             node.conversion_path = path or self.path
             node.op_owner = f"{type(owner).__module__}.{type(owner).__qualname__}" if owner is not None else ""

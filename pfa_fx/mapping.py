@@ -23,7 +23,7 @@ from .rules import canonical_rule, config_for, node_class_of, rule_class
 RuleSpec = Union[RuleConfig, str, tuple[str, Mapping[str, Any]], None]
 
 #: convert's own keywords: an unknown rule option close to one of them is pointed there
-CONVERT_KEYWORDS = ("seed", "fallback", "strict", "capture", "example_inputs")
+CONVERT_KEYWORDS = ("seed", "fallback", "strict", "capture", "example_inputs", "generator")
 
 
 def _entry_matches(pattern: str | type, key: str, owner: nn.Module | None) -> bool:

@@ -112,6 +112,7 @@ class FeedbackNode(Redrawing, HeldShapes, nn.Module):
         self._weight_fn: list[nn.Module] = []
         self.as_backprop = False  # set by pfa_fx.backprop_mode for gradient-alignment probes
         self.seed: int | None = None  # set by convert, which seeds the draws with (seed, op name)
+        self.generator = "mt19937"  # and draws with this generator (draws.GENERATORS)
         self.op_name = ""
         self.owner_path: str | None = None  # the path of the module owning the weight (set by convert)
 

@@ -88,7 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RuleConfig, check_bool, check_choice, check_scale, check_store_feedback
-from ..draws import DEFAULT_SCALE, feedback_std, generator_at, generator_key, xavier_std
+from ..draws import DEFAULT_SCALE, feedback_std, gaussian_draw, generator_at, generator_key, xavier_std
 from ..errors import ConversionError, ConversionTypeError
 from ..node import FeedbackNode
 from .align import relax
@@ -291,7 +291,7 @@ class PFANode(SGDImplicit, FeedbackNode):
 
     def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
         # entries N(0, 1/n̄) per group, so that B B^T ≈ I
-        return torch.randn((g, out_g, nbar_g), generator=generator, dtype=torch.float64) / nbar_g**0.5
+        return gaussian_draw(generator, (g, out_g, nbar_g)) / nbar_g**0.5
 
     # -- the op's backward -------------------------------------------------------------
     def state(self) -> tuple[Tensor, ...]:
@@ -435,7 +435,7 @@ class PFAONode(PFANode):
     orthonormal = True
 
     def _draw_B(self, g: int, out_g: int, nbar_g: int, generator: torch.Generator) -> Tensor:
-        gauss = torch.randn((g, nbar_g, out_g), generator=generator, dtype=torch.float64)
+        gauss = gaussian_draw(generator, (g, nbar_g, out_g))
         Q, Rq = torch.linalg.qr(gauss)  # Q: (g, nbar_g, out_g), orthonormal columns
         Q = Q * torch.sign(torch.diagonal(Rq, dim1=1, dim2=2)).unsqueeze(1)  # unique Q
         return Q.transpose(1, 2).contiguous()
