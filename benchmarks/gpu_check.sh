@@ -14,7 +14,9 @@ out="${OUT:-benchmarks}/gpu_results.md"
 start=$SECONDS
 "$py" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out"
-"$py" -m pytest -q tests/test_gpu.py tests/test_runtime.py 2>&1 | tail -5 | tee -a "$out"
+"$py" -m pytest -q -n0 tests/test_gpu.py tests/test_runtime.py 2>&1 | tail -5 | tee -a "$out"
+# counter-based draws: the same bits on CPU and CUDA (generator and converted feedback)
+"$py" -m pytest -q -n0 tests/test_counter_rng.py tests/test_counter_draws.py -k cuda 2>&1 | tail -3 | tee -a "$out"
 
 # run LIMIT_S ARGS...: one step_time.py row, cut off after LIMIT_S seconds
 run() {
