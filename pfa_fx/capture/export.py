@@ -19,6 +19,7 @@ weight ops intercepted (:mod:`.intercept`), through the same feedback nodes.
 from __future__ import annotations
 
 import inspect
+import operator
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -122,16 +123,199 @@ def export_modes(root: nn.Module, kwargs: dict[str, Tensor]) -> ExportedGraphs:
             exported[mode] = ep.module()
     finally:
         root.train(was_training)
+    for gm in exported.values():
+        _inline_regions(gm)
+        _refuse_weights_in_subgraphs(root, gm)
     # root changes only once both modes are captured (a failed capture leaves it as it was)
     graphs = {mode: _adopt(root, gm, "train" if mode else "eval") for mode, gm in exported.items()}
     out_specs = {mode: gm._out_spec for mode, gm in exported.items()}
     return ExportedGraphs(tuple(kwargs), forced, graphs, out_specs)
 
 
+# higher-order ops that only run their subgraph under a grad mode or an autocast state:
+# torch.export makes them of ``with torch.no_grad():`` / ``with torch.autocast(...):`` regions
+# (transformers < 5.24 compute rotary embeddings in one). Their arguments before the subgraph.
+_REGION_HOPS = {"wrap_with_set_grad_enabled": 1, "wrap_with_autocast": 4}
+
+
+def _hop_name(node: fx.Node) -> str | None:
+    """The name of the higher-order op ``node`` calls, else None."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.target.name()
+    return None
+
+
+def _enter_grad_mode(enabled: bool) -> bool:
+    """Enter an inlined ``wrap_with_set_grad_enabled`` region; returns the mode to restore."""
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(enabled)
+    return previous
+
+
+def _exit_grad_mode(previous: bool, *region_outputs: Any) -> None:
+    """Leave an inlined grad-mode region (its outputs are arguments only to order this call after them)."""
+    torch.set_grad_enabled(previous)
+
+
+def _enter_autocast(*state: Any) -> Any:
+    """Enter an inlined ``wrap_with_autocast`` region; returns the autocast context to leave."""
+    return torch.amp.autocast_mode._enter_autocast(*state)
+
+
+def _exit_autocast(context: Any, *region_outputs: Any) -> None:
+    """Leave an inlined autocast region (its outputs are arguments only to order this call after them)."""
+    torch.amp.autocast_mode._exit_autocast(context)
+
+
+_REGION_CALLS = {
+    "wrap_with_set_grad_enabled": (_enter_grad_mode, _exit_grad_mode),
+    "wrap_with_autocast": (_enter_autocast, _exit_autocast),
+}
+
+
+def _inline_regions(exported: fx.GraphModule) -> None:
+    """Inline the subgraphs of grad-mode and autocast regions into ``exported``'s graph, each
+    between calls that enter and leave its state exactly as the higher-order op does (the
+    previous grad mode restored, not the one at export): the rewrite then sees the weight
+    ops inside them. Nested regions are inlined too; other higher-order ops stay."""
+    graph = exported.graph
+    done = False
+    while not done:
+        done = True
+        for node in list(graph.nodes):
+            name = _hop_name(node)
+            if name not in _REGION_HOPS or not _inline_region(exported, node, name):
+                continue
+            done = False
+    graph.lint()
+
+
+def _inline_region(exported: fx.GraphModule, node: fx.Node, name: str) -> bool:
+    """Inline one region call; False (nothing changed) where its form is not the expected one."""
+    graph = exported.graph
+    n_state = _REGION_HOPS[name]
+    if node.kwargs or len(node.args) <= n_state:
+        return False
+    state, sub_node, operands = node.args[:n_state], node.args[n_state], node.args[n_state + 1 :]
+    if not isinstance(sub_node, fx.Node) or sub_node.op != "get_attr":
+        return False
+    sub = attr(exported, sub_node.target)
+    if not isinstance(sub, fx.GraphModule):
+        return False
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in sub.graph.nodes if n.op == "output"]
+    results = output.args[0]
+    if len(placeholders) != len(operands) or any(n.op == "call_module" for n in sub.graph.nodes):
+        return False
+    users = list(node.users)
+    if isinstance(results, (tuple, list)):
+        # the op's result is a tuple, read element by element
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in users):
+            return False
+    elif not isinstance(results, fx.Node):
+        return False
+    enter, leave = _REGION_CALLS[name]
+    env: dict[fx.Node, Any] = dict(zip(placeholders, operands))
+    with graph.inserting_before(node):
+        entered = graph.call_function(enter, tuple(state))
+        for n in sub.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            copy = graph.node_copy(n, lambda a: env[a])
+            if n.op == "get_attr":  # a nested subgraph or constant of the subgraph: now one of exported's
+                target = _free_name(exported, f"pfa_inlined_{str(n.target).replace('.', '_')}")
+                setattr(exported, target, attr(sub, n.target))
+                copy.target = target
+            env[n] = copy
+        mapped = fx.node.map_arg(results, lambda a: env[a])
+        flat = [a for a in pytree.tree_leaves(mapped) if isinstance(a, fx.Node)]
+        graph.call_function(leave, (entered, *flat))
+    if isinstance(results, fx.Node):
+        node.replace_all_uses_with(mapped)
+    else:
+        for u in users:
+            u.replace_all_uses_with(mapped[u.args[1]])
+            graph.erase_node(u)
+    graph.erase_node(node)
+    if not sub_node.users:
+        graph.erase_node(sub_node)
+    return True
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(module, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _refuse_weights_in_subgraphs(root: nn.Module, exported: fx.GraphModule) -> None:
+    """Warn and raise :class:`TraceError` (``convert`` then tries its next front end) where
+    a higher-order op the pass does not inline (torch.cond, while_loop, map, ...) receives
+    a trainable parameter of two or more dimensions and its subgraphs compute a matrix
+    product or convolution: the rewrite does not enter subgraphs, so such a weight op would
+    silently stay on BP. Other such ops are kept as they are (their subgraphs become
+    submodules of the converted model)."""
+    for node in exported.graph.nodes:
+        name = _hop_name(node)
+        if name is None:
+            continue
+        subs = [attr(exported, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+        subs = [s for s in subs if isinstance(s, fx.GraphModule)]
+        weights = [p for a in node.all_input_nodes if (p := _weight_behind(root, a)) is not None]
+        if weights and any(_has_product(s) for s in subs):
+            reason = (
+                f"torch.export's graph passes {', '.join(dict.fromkeys(weights))} into the higher-order op "
+                f"'{name}', whose subgraph computes a matrix product the pass cannot rewrite"
+            )
+            err = TraceError(f"torch.export cannot capture '{type(root).__qualname__}' for the pass: {reason}")
+            err.path, err.reason = "", reason
+            warnings.warn(
+                f"pfa_fx: {reason}; the torch.export graph is not used for this model.", UserWarning, stacklevel=6
+            )
+            raise err
+
+
+# ops that only re-lay or select from a tensor (aten.t.default's __name__ is "t.default")
+_VIEWS = {"t", "transpose", "permute", "view", "reshape", "expand", "alias", "detach", "slice", "select", "to"}
+
+
+def _weight_behind(root: nn.Module, n: fx.Node, depth: int = 8) -> str | None:
+    """The path of the trainable ≥2-D parameter ``n`` is, seen through views."""
+    for _ in range(depth):
+        if n.op == "get_attr":
+            try:
+                t = attr(root, n.target)
+            except AttributeError:
+                return None
+            return n.target if isinstance(t, nn.Parameter) and t.requires_grad and t.dim() >= 2 else None
+        if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        name = getattr(n.target, "__name__", "")
+        if name.split(".")[0] not in _VIEWS:
+            return None
+        n = n.args[0]
+    return None
+
+
+def _has_product(sub: fx.GraphModule) -> bool:
+    """Whether ``sub`` (or a subgraph nested in it) computes a matrix product or convolution."""
+    from ..rewrite import _is_product  # the rewrite's own list of products
+
+    for n in sub.graph.nodes:
+        if n.op == "call_function" and _is_product(n.target):
+            return True
+        if n.op == "get_attr" and isinstance(nested := attr(sub, n.target), fx.GraphModule) and _has_product(nested):
+            return True
+    return False
+
+
 def _adopt(root: nn.Module, exported: fx.GraphModule, mode: str) -> fx.Graph:
     """The exported graph made to run with ``root`` as ``self``: tensors the export lifted
-    out of the code (constants) become non-persistent buffers of ``root``, its input-guard
-    module a child of ``root``; each node records the module path it came from."""
+    out of the code (constants) become non-persistent buffers of ``root``, the subgraphs of
+    higher-order ops (torch.cond's branches, ...) and its input-guard module children of
+    ``root``; each node records the module path it came from."""
     graph = exported.graph
     graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: the dispatcher handles pytrees
     graph.owning_module = root
@@ -144,8 +328,13 @@ def _adopt(root: nn.Module, exported: fx.GraphModule, mode: str) -> fx.Graph:
         try:
             attr(root, node.target)
         except AttributeError:
-            name = f"pfa_export_const_{mode}_{i}"
-            root.register_buffer(name, attr(exported, node.target), persistent=False)
+            value = attr(exported, node.target)
+            if isinstance(value, nn.Module):  # a higher-order op's subgraph
+                name = f"pfa_export_subgraph_{mode}_{i}"
+                root.add_module(name, value)
+            else:
+                name = f"pfa_export_const_{mode}_{i}"
+                root.register_buffer(name, value, persistent=False)
             node.target = name
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack")
