@@ -8,6 +8,7 @@ Usage::
     python examples/lm_rules.py --data ~/gutenberg       # a folder of .txt / .txt.gz books (or one file)
     python examples/lm_rules.py --corpus pydoc           # no extra package: Python's own documentation
     python examples/lm_rules.py --quick --out /tmp/lm    # seconds; what tests/test_lm_rules.py runs
+    python examples/lm_rules.py --model mixtral          # a mixture of experts: 4 experts, top-2
 
 Do rules without weight symmetry scale to transformers? Launay et al. (NeurIPS 2020,
 "Direct Feedback Alignment Scales to Modern Deep Learning Tasks and Architectures") trained a
@@ -19,6 +20,13 @@ captures it with torch.export: torch.fx cannot trace transformers 5 models). Eve
 from the same initial weights and sees the same batches in the same order.
 ``pfa_fx.report`` checks that every matmul weight (15: q/k/v/o and gate/up/down per layer, and
 ``lm_head``) is converted; only the embedding table (a lookup) stays on BP.
+
+``--model mixtral`` trains a ``MixtralForCausalLM`` of the same sizes instead, whose feed-forward
+is a mixture of ``--experts`` SwiGLU experts (``--ffn`` each) of which each byte takes
+``--top-k``: per layer a router and two expert banks (3-D parameters, ``gate_up_proj`` and
+``down_proj``), each one op whose feedback state has the expert axis (``W_b[e]`` for the bytes
+routed to expert ``e``); transformers' default ``grouped_mm`` experts. The table then gains the
+banks' mean feedback angle (``∠W_b experts``).
 
 Corpus (byte level; held out: every 20th 4,096-byte block, fixed, 5 %):
 
@@ -133,7 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--ffn", type=int, default=352, help="SwiGLU intermediate size")
+    p.add_argument("--ffn", type=int, default=352, help="SwiGLU intermediate size (per expert for mixtral)")
+    p.add_argument("--model", choices=("llama", "mixtral"), default="llama", help="dense Llama or Mixtral MoE")
+    p.add_argument("--experts", type=int, default=4, help="experts per layer (--model mixtral)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per byte (--model mixtral)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices and feedback state)")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up")
@@ -163,11 +174,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         vars(args).update(eval_windows=8, final_windows=8, probe_batch=2, mirror_steps=20, timing_rounds=1)
     if not 0 <= args.burst_frac <= 1 or args.burst_decay < 0:
         p.error("--burst-frac must be in [0, 1] and --burst-decay >= 0")
-    for flag in ("steps", "batch_size", "context", "width", "layers", "heads", "ffn", "eval_every", "threads"):
+    for flag in ("steps", "batch_size", "context", "width", "layers", "heads", "ffn", "eval_every", "threads", "top_k"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.timing_rounds < 1:
         p.error("--timing-rounds must be >= 1")
+    if args.top_k > args.experts:
+        p.error("--top-k must be at most --experts")
     if args.width % args.heads:
         p.error("--width must be a multiple of --heads")
     if args.context + 1 > BLOCK:
@@ -235,13 +248,17 @@ def windows(stream: Tensor, n: int, length: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- model and rules
 def build_model(args: argparse.Namespace) -> nn.Module:
-    """A fresh byte-level ``LlamaForCausalLM`` seeded by ``--seed``, or the one saved in ``--init``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A fresh byte-level ``LlamaForCausalLM`` (``--model mixtral``: ``MixtralForCausalLM``)
+    seeded by ``--seed``, or the one saved in ``--init``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     if getattr(args, "init", None) is not None:
-        return LlamaForCausalLM.from_pretrained(args.init).float()
+        return AutoModelForCausalLM.from_pretrained(args.init).float()
 
-    config = LlamaConfig(
+    mixtral = getattr(args, "model", "llama") == "mixtral"
+    moe = {"num_local_experts": args.experts, "num_experts_per_tok": args.top_k} if mixtral else {}
+    config = (MixtralConfig if mixtral else LlamaConfig)(
+        **moe,
         vocab_size=256,
         hidden_size=args.width,
         intermediate_size=args.ffn,
@@ -253,7 +270,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         use_cache=False,
     )
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config).float()
+    return (MixtralForCausalLM if mixtral else LlamaForCausalLM)(config).float()
 
 
 def rule_options(rule: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -461,11 +478,16 @@ def final_by_block(rows: list[Row], rule: str, metric: str, step: int) -> dict[s
     return {b: float(np.mean(by[b])) for b in order}
 
 
-def series(rows: list[Row], rule: str, metric: str, hidden_only: bool = False) -> tuple[list[int], list[float]]:
-    """Steps and the per-step mean of ``metric`` (over ops, for per-op metrics)."""
+def series(
+    rows: list[Row], rule: str, metric: str, hidden_only: bool = False, only: str = ""
+) -> tuple[list[int], list[float]]:
+    """Steps and the per-step mean of ``metric`` (over ops, for per-op metrics; ``only``: over
+    the ops whose name contains it)."""
     by: dict[int, list[float]] = {}
     for r, s, m, layer, v in rows:
         if r == rule and m == metric and not math.isnan(v) and not (hidden_only and layer == "lm_head"):
+            if only and only not in layer:
+                continue
             by.setdefault(s, []).append(v)
     steps = sorted(by)
     return steps, [float(np.mean(by[s])) for s in steps]
@@ -480,6 +502,7 @@ def summarize(rows: list[Row], stats: dict[str, dict], data: Data, args: argpars
         steps, bpb = series(rows, rule, "eval_bpb")
         _, angle = series(rows, rule, "angle_deg")
         _, floor = series(rows, rule, "floor_deg")
+        _, experts = series(rows, rule, "angle_deg", only=".experts.")
         _, grad = series(rows, rule, "grad_angle_deg", hidden_only=True)
         s = stats[rule]
         per_rule[rule] = {
@@ -488,6 +511,7 @@ def summarize(rows: list[Row], stats: dict[str, dict], data: Data, args: argpars
             "angle_deg_mean": angle[-1] if angle else None,  # None: no W-shaped feedback (DFA)
             "angle_deg_mean_at_start": angle[0] if angle else None,  # after conversion (and mirror)
             "floor_deg_mean": floor[-1] if floor else None,  # PFA/PFA-o: the angle of B·Bᵀ·W
+            "angle_deg_experts": experts[-1] if experts else None,  # --model mixtral: the expert banks
             "angle_deg_by_layer": final_by_block(rows, rule, "angle_deg", args.steps),
             "grad_angle_deg_mean_hidden": grad[-1] if grad else None,
             "grad_angle_deg_by_layer": final_by_block(rows, rule, "grad_angle_deg", args.steps),
@@ -522,7 +546,9 @@ def format_table(summary: dict[str, Any]) -> str:
     bp = summary["rules"].get("bp", {}).get("final_bpb")
     head = f"| rule | held-out bpb | Δ vs BP | bpb @ step {summary['half_step']} | ∠W_b start → end (floor) "
     head += "| ∠W_b L0 / last / head | ∠ΔW vs BP (hidden ops) | tokens/s | × BP |"
-    lines = [head, "|" + "---|" * 9]
+    moe = any(r.get("angle_deg_experts") is not None for r in summary["rules"].values())
+    head += " ∠W_b experts |" if moe else ""
+    lines = [head, "|" + "---|" * (10 if moe else 9)]
     for rule, r in summary["rules"].items():
         by = r["angle_deg_by_layer"]
         layers = [v for k, v in by.items() if k != "head"]
@@ -533,6 +559,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{fmt(r['angle_deg_mean_at_start'])} → {fmt(r['angle_deg_mean'])}"
             f"{' (' + fmt(r['floor_deg_mean']) + ')' if r['floor_deg_mean'] is not None else ''} | {per_layer} | {fmt(r['grad_angle_deg_mean_hidden'])} | "
             f"{r['tokens_per_s']:.0f} | {fmt(r['tokens_per_s_ratio_to_bp'], '{:.2f}')} |"
+            + (f" {fmt(r.get('angle_deg_experts'))} |" if moe else "")
         )
     return "\n".join(lines)
 
@@ -580,7 +607,7 @@ def plot(rows: list[Row], summary: dict[str, Any], path: Path) -> None:
     axes[1, 1].legend(ncol=3, fontsize=8)
     c = summary["config"]
     fig.suptitle(
-        f"Byte-level Llama ({c['layers']}×{c['width']}, ctx {c['context']}) on {summary['corpus']['source']}: "
+        f"Byte-level {c.get('model', 'llama').capitalize()} ({c['layers']}×{c['width']}, ctx {c['context']}) on {summary['corpus']['source']}: "
         f"{c['steps']} AdamW steps of {c['batch_size']}×{c['context']} bytes per rule",
         fontsize=10,
     )
@@ -605,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"corpus: {data.description}: {data.n_bytes:,} bytes, {data.n_held_out:,} held out; model: "
-            f"LlamaForCausalLM {args.layers}x{args.width}, {n_params / 1e6:.2f} M parameters; rules {', '.join(args.rules)}",
+            f"{type(model).__name__} {args.layers}x{args.width}, {n_params / 1e6:.2f} M parameters; rules {', '.join(args.rules)}",
             flush=True,
         )
         rows: list[Row] = []

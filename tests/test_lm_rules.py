@@ -104,3 +104,18 @@ def test_quick_finetune_pretrains_saves_reloads_and_tunes_each_start(tmp_path):
     assert all(math.isfinite(r["final_bpb"]) for r in rows.values())
     # the aligned start is aligned, the unaligned one is not
     assert rows["kp (aligned)"]["angle_deg_start"] < 45 < rows["kp (unaligned)"]["angle_deg_start"]
+
+
+def test_quick_mixtral_converts_the_expert_banks_and_reports_their_angles(tmp_path):
+    lm = _load()
+    argv = ["--quick", "--no-progress", "--model", "mixtral", "--rules", "bp", "fa", "dfa", "pfa"]
+    summary = lm.main([*argv, "--data", str(_tiny_corpus(tmp_path / "corpus")), "--out", str(tmp_path / "out")])
+    # 2 layers x (q, k, v, o, router, gate_up and down expert banks) + lm_head; only the embedding on BP
+    assert summary["coverage"].startswith("15 matmul weights converted")
+    assert "left on BP: model.embed_tokens.weight" in summary["coverage"]
+    rules = summary["rules"]
+    assert all(math.isfinite(r["final_bpb"]) for r in rules.values())
+    assert rules["bp"]["angle_deg_experts"] == pytest.approx(0.0, abs=0.5)
+    assert rules["fa"]["angle_deg_experts"] > 45 and rules["pfa"]["angle_deg_experts"] is not None
+    assert rules["dfa"]["angle_deg_experts"] is None  # no W-shaped feedback
+    assert "∠W_b experts" in lm.format_table(summary)

@@ -163,6 +163,25 @@ def test_bp_rule_reproduces_autograd_exactly():
     assert torch.equal(xs[0].grad, xs[1].grad) and torch.equal(native.w.grad, conv.w.grad)
 
 
+@pytest.mark.parametrize("impl", ["eager", "batched", "fallback"])
+def test_dfa_projects_each_rows_own_token_error_onto_it(impl):
+    torch.manual_seed(0)
+    conv = pfa_fx.convert(Bank(impl).to(DT), "dfa", capture="eager", form="token", strict=True)
+    ((_, node),) = pfa_fx.feedback_modules(conv)
+    x, ids, G = _inputs()
+    x.requires_grad_()
+    (conv(x, ids) * G).sum().backward()  # the output error of row n is G[n]
+    assert node.last_form == "token"
+    torch.testing.assert_close(x.grad, G @ node.projection(OUT, IN).to(DT), rtol=0, atol=1e-12)
+
+
+def test_dfa_token_form_reaches_routers_and_expert_banks_of_a_mixtral():
+    conv = pfa_fx.convert(moe_model("mixtral"), "dfa", form="token", strict=True)
+    conv.train()
+    conv(_ids()).logits.square().mean().backward()  # the routers read (batch·T, d) viewed from (batch, T, d)
+    assert {n.last_form for _, n in pfa_fx.feedback_modules(conv)} == {"token"}
+
+
 class LeftOperand(nn.Module):
     """A state-space-style projection applied as ``W @ x`` (and a 2-D one as ``x @ P.T``)."""
 

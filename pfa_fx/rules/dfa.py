@@ -194,6 +194,23 @@ def capture_output_error(module: nn.Module, args: Any, output: Any) -> Any:
     return _replaced(output, key, _CaptureError.apply(y, hub))
 
 
+def _flattened_batch_first(x: Tensor, error_shape: tuple[int, ...]) -> bool:
+    """Whether a 2-D op input ``(batch·T, d)`` is a view of ``(batch, T, ...)`` (read from its
+    ``grad_fn``: a mixture-of-experts router's ``hidden_states.reshape(-1, d)``), so that its
+    rows are the output error's positions in order."""
+    fn = x.grad_fn
+    if x.dim() != 2 or len(error_shape) < 3 or fn is None or x.shape[0] != error_shape[0] * error_shape[1]:
+        return False
+    for _ in range(4):  # through a chain of views
+        if fn is None or not type(fn).__name__.startswith(("ViewBackward", "UnsafeViewBackward", "ReshapeAlias")):
+            return False
+        sizes = tuple(int(n) for n in getattr(fn, "_saved_self_sym_sizes", ()))
+        if len(sizes) >= 3:
+            return sizes[:2] == tuple(error_shape[:2])
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return False
+
+
 @dataclass(frozen=True)
 class DFA(RuleConfig):
     """Direct feedback alignment: the network's output error projected straight to each op.
@@ -349,6 +366,8 @@ class DFANode(FeedbackNode):
             )
         if self.form != "dense":
             layout = self.token_layout(tuple(x.shape), tuple(err.shape), feature_last)
+            if layout is None and feature_last and _flattened_batch_first(x, tuple(err.shape)):
+                layout = "batch-first"  # (batch·T, d): a router's input, viewed from (batch, T, d)
             if layout is not None:
                 self.last_form = "token"
                 return self.token_error(err, x, layout)
