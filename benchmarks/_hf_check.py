@@ -38,13 +38,13 @@ try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_check import compare_outputs, summarize_report, tensor_leaves
     from _coverage_models import first_line
     from _coverage_rows import Status, revision
-    from _hf_models import SPEC_BY_NAME, BuiltHF, Spec, build, call_options, task_loss
+    from _hf_models import SPEC_BY_NAME, BuiltHF, SkipModel, Spec, build, call_options, task_loss
     from _shared import weights_on_backprop
 except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_check import compare_outputs, summarize_report, tensor_leaves
     from benchmarks._coverage_models import first_line
     from benchmarks._coverage_rows import Status, revision
-    from benchmarks._hf_models import SPEC_BY_NAME, BuiltHF, Spec, build, call_options, task_loss
+    from benchmarks._hf_models import SPEC_BY_NAME, BuiltHF, SkipModel, Spec, build, call_options, task_loss
     from benchmarks._shared import weights_on_backprop
 
 SOURCE = "hf"
@@ -52,6 +52,7 @@ SOURCE = "hf"
 #: relative to the largest native gradient entry (float32 rounding of reordered sums)
 GRAD_RTOL = 1e-5
 GRAD_MISMATCH = "grad_mismatch"  # a status of bp rows only
+SKIPPED = "skipped"  # a model the sweep does not run (it needs inputs besides token ids): the reason says why
 LR = 0.01
 
 FIELDS = [
@@ -340,15 +341,17 @@ def check_spec(
 ) -> Iterator[dict[str, Any]]:
     """Build one model and yield a complete CSV row per rule, as each finishes."""
     spec = SPEC_BY_NAME[spec] if isinstance(spec, str) else spec
-    base = {"model": spec.name, "model_type": spec.model_type, "head": spec.head}
+    base = {"model": spec.name, "model_type": spec.model_type, "head": spec.head, "class": spec.cls or ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             built = build(spec, seed)
     except Exception as exc:
+        status = SKIPPED if isinstance(exc, SkipModel) else Status.BUILD_ERROR
         for rule in rules:
-            reason, at = first_line(exc), where(exc, "build")
-            yield finish_row({**base, "rule": rule, "status": Status.BUILD_ERROR, "reason": reason, "where": at})
+            reason = str(exc) if status == SKIPPED else first_line(exc)
+            at = "" if status == SKIPPED else where(exc, "build")
+            yield finish_row({**base, "rule": rule, "status": status, "reason": reason, "where": at})
         return
     base.update(
         {

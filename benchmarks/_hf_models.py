@@ -12,6 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+try:  # run as python benchmarks/<script>.py: this folder is on sys.path
+    from _hf_causal_lm import SKIPS, TEXT_IDS, causal_lm_classes, small_config
+except ImportError:  # imported as benchmarks.<module> from the repository root
+    from benchmarks._hf_causal_lm import SKIPS, TEXT_IDS, causal_lm_classes, small_config
+
 BATCH, SEQ, DEC_SEQ, IMAGE = 2, 8, 6, 32
 VOCAB = 256
 #: special tokens inside the small vocabulary (the configs' defaults, e.g. GPT-2's 50256, are not)
@@ -41,6 +46,9 @@ class Spec:
     config: dict[str, Any] = field(default_factory=dict)
     cls: str | None = None  # the transformers class, where the head's Auto class has several
     build: dict[str, Any] = field(default_factory=dict)  # keyword arguments of ``from_config``
+    #: the config derived generically from the config class's defaults (``_hf_causal_lm``),
+    #: ``config`` on top; the batch's token ids stay below the special tokens moved there
+    generic: bool = False
 
 
 def _bert(**kw: Any) -> dict[str, Any]:
@@ -243,20 +251,44 @@ SPECS: list[Spec] = [
         },
     ),
 ]
-SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+def _causal_lm_specs() -> list[Spec]:
+    """One spec per causal-LM class of the installed transformers whose type has no
+    hand-written causal-LM spec above: its config derived generically (``_hf_causal_lm``).
+    Named after the type, ``<type>-clm`` where a spec of another head has that name."""
+    hand = {s.model_type for s in SPECS if s.head == "causal-lm"}
+    names = {s.name for s in SPECS}
+    return [
+        Spec(t if t not in names else f"{t}-clm", t, "causal-lm", cls=cls, generic=True)
+        for t, cls in causal_lm_classes().items()
+        if t not in hand
+    ]
+
+
+#: every causal-LM class of transformers not in ``SPECS``, configured generically
+CAUSAL_LM_SPECS: list[Spec] = _causal_lm_specs()
+ALL_SPECS: list[Spec] = SPECS + CAUSAL_LM_SPECS
+SPEC_BY_NAME = {s.name: s for s in ALL_SPECS}
 #: the models every rule runs on by default (the others get --rules' default)
 SAMPLE = ("gpt2", "llama", "bert", "vit", "t5")
 #: --quick: one model per head
 QUICK = ("gpt2", "llama", "bert", "distilbert", "vit", "t5", "whisper", "wav2vec2", "clip")
 
 
-def select(patterns: list[str] | None, quick: bool = False) -> list[Spec]:
+def select(patterns: list[str] | None, quick: bool = False, every_causal_lm: bool = False) -> list[Spec]:
     """The specs whose name or model type matches one of the fnmatch ``patterns`` (all
-    when none), restricted to ``QUICK`` with ``quick``."""
-    specs = [s for s in SPECS if not quick or s.name in QUICK]
+    when none), restricted to ``QUICK`` with ``quick``; the hand-written ``SPECS``, and with
+    ``every_causal_lm`` the generically configured ``CAUSAL_LM_SPECS`` too."""
+    pool = ALL_SPECS if every_causal_lm and not quick else SPECS
+    specs = [s for s in pool if not quick or s.name in QUICK]
     if not patterns:
         return specs
     return [s for s in specs if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (s.name, s.model_type))]
+
+
+class SkipModel(Exception):
+    """A model the sweep does not run (``_hf_causal_lm.SKIPS``): the message says why."""
 
 
 @dataclass
@@ -274,9 +306,14 @@ def build(spec: Spec, seed: int = 0) -> BuiltHF:
     import transformers
 
     t0 = time.perf_counter()
-    config = transformers.AutoConfig.for_model(spec.model_type, **spec.config)
+    if spec.generic:
+        if spec.model_type in SKIPS:
+            raise SkipModel(SKIPS[spec.model_type])
+        config = small_config(spec.model_type, spec.config)
+    else:
+        config = transformers.AutoConfig.for_model(spec.model_type, **spec.config)
     torch.manual_seed(seed)
-    if spec.cls:
+    if spec.cls and not spec.generic:
         model = getattr(transformers, spec.cls)._from_config(config, **spec.build).eval()
     else:
         model = getattr(transformers, HEADS[spec.head]).from_config(config, **spec.build).eval()
@@ -298,7 +335,7 @@ def make_inputs(spec: Spec, config: Any, seed: int = 0) -> dict[str, Tensor]:
     or raw audio; decoder ids for encoder-decoders."""
     g = torch.Generator().manual_seed(seed + 1)
     text = {
-        "input_ids": torch.randint(3, VOCAB, (BATCH, SEQ), generator=g),
+        "input_ids": torch.randint(3, TEXT_IDS if spec.generic else VOCAB, (BATCH, SEQ), generator=g),
         "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
     }
     # row 1 is right-padded by two tokens, as in a padded training batch

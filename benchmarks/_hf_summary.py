@@ -16,16 +16,18 @@ import torch
 try:  # run as python benchmarks/<script>.py: this folder is on sys.path
     from _coverage_rows import Status
     from _coverage_summary import repo_path
-    from _hf_check import GRAD_MISMATCH, GRAD_RTOL
+    from _hf_causal_lm import OVERRIDES, SKIPS, WHY, causal_lm_classes
+    from _hf_check import GRAD_MISMATCH, GRAD_RTOL, SKIPPED
     from _hf_diagnoses import NOTES, diagnose
-    from _hf_models import BATCH, DEC_SEQ, IMAGE, SEQ, SPECS
+    from _hf_models import ALL_SPECS, BATCH, DEC_SEQ, IMAGE, SEQ
     from _shared import cpu_name, md_cell, md_table
 except ImportError:  # imported as benchmarks.<module> from the repository root
     from benchmarks._coverage_rows import Status
     from benchmarks._coverage_summary import repo_path
-    from benchmarks._hf_check import GRAD_MISMATCH, GRAD_RTOL
+    from benchmarks._hf_causal_lm import OVERRIDES, SKIPS, WHY, causal_lm_classes
+    from benchmarks._hf_check import GRAD_MISMATCH, GRAD_RTOL, SKIPPED
     from benchmarks._hf_diagnoses import NOTES, diagnose
-    from benchmarks._hf_models import BATCH, DEC_SEQ, IMAGE, SEQ, SPECS
+    from benchmarks._hf_models import ALL_SPECS, BATCH, DEC_SEQ, IMAGE, SEQ
     from benchmarks._shared import cpu_name, md_cell, md_table
 
 #: the count columns: (status, header)
@@ -38,6 +40,8 @@ COLUMNS = [
     (Status.CONVERSION_ERROR, "conversion error"),
     (Status.CHECK_ERROR, "check error"),
     (Status.TIMEOUT, "timeout"),
+    (Status.BUILD_ERROR, "build error"),
+    (SKIPPED, "skipped"),
     ("other", "other"),
 ]
 RULE_ORDER = ("fa", "bp", "dfa", "sf", "kp", "wm", "pal", "pfa", "pfa-o")  # FA, the main row, first
@@ -61,8 +65,8 @@ NUMERIC = {"ops_converted", "left_on_bp", "grad_max_diff", "convert_s", "check_s
 
 
 def _order(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
-    """Rows in the order of ``SPECS``, then rules in Table 1's order."""
-    spec_pos = {s.name: i for i, s in enumerate(SPECS)}
+    """Rows in the order of ``ALL_SPECS``, then rules in Table 1's order."""
+    spec_pos = {s.name: i for i, s in enumerate(ALL_SPECS)}
     return sorted(rows, key=lambda r: (spec_pos.get(r["model"], len(spec_pos)), _rule_pos(r["rule"]), r["model"]))
 
 
@@ -81,6 +85,13 @@ def _left(r: Mapping[str, str]) -> str:
     """Weights left on BP: the audit's count, plus those behind ops it does not list."""
     unlisted = len(r.get("unlisted_on_bp", "").split(" (")) - 1 if r.get("unlisted_on_bp") else 0
     return f"{r.get('left_on_bp', '')} + {unlisted} unlisted" if unlisted else r.get("left_on_bp", "")
+
+
+def _evidence(r: Mapping[str, str]) -> str:
+    """What a failing row says, for the diagnoses to match: status, reason, where it came from,
+    the conversion warning and the parameters left on BP."""
+    keys = ("status", "reason", "where", "capture_warning", "left_params", "unlisted_on_bp")
+    return " ".join(r.get(k, "") or "" for k in keys)
 
 
 def summary_numbers(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
@@ -109,12 +120,12 @@ def summary_numbers(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
 def _failure_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
     by_model: dict[str, list[Mapping[str, str]]] = defaultdict(list)
     for r in rows:
-        if r["status"] != Status.PASS:
+        if r["status"] not in (Status.PASS, SKIPPED):
             by_model[r["model"]].append(r)
     lines = [f"## Failures and their causes ({len(by_model)} models)", ""]
     if not by_model:
         return [*lines, "None.", ""]
-    found = {m: diagnose(m, " ".join(r["reason"] for r in failed)) for m, failed in by_model.items()}
+    found = {m: diagnose(m, " ".join(_evidence(r) for r in failed)) for m, failed in by_model.items()}
     causes: dict[tuple[str, str], list[str]] = defaultdict(list)
     for model, d in found.items():
         causes[(d.cause, d.fix_at) if d else ("not diagnosed: see the reason below", "")].append(model)
@@ -141,10 +152,12 @@ def _failure_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
             lines.append(f"- conversion warned: {md_cell(first['capture_warning'][:300])}")
         d = found[model]
         owner = next(m for m, other in found.items() if other is d)
-        if d is not None and owner == model:
+        if d is not None and owner == model and d.text:
             lines += ["", d.text.strip()]
-        elif d is not None:
+        elif d is not None and d.text:
             lines += ["", f"*Diagnosis: the same cause as {owner}'s, above.*"]
+        elif d is not None:
+            lines += ["", f"*Cause: {d.cause} ({d.fix_at}).*"]
         lines.append("")
     return lines
 
@@ -211,6 +224,7 @@ def write_summary(csv_rows: Sequence[Mapping[str, str]], out_path: Path, csv_pat
             "l" + "r" * (len(COLUMNS) + 1),
         ),
         "",
+        *_causal_lm_section(rows),
         *_model_table(rows),
         *_sample_table(rows),
         *_failure_section(rows),
@@ -223,6 +237,86 @@ def write_summary(csv_rows: Sequence[Mapping[str, str]], out_path: Path, csv_pat
     text = "\n".join(lines)
     out_path.write_text(text)
     return text
+
+
+def _causal_fa(rows: Sequence[Mapping[str, str]]) -> dict[str, Mapping[str, str]]:
+    """The FA row of each causal-LM model type: its spec's (a variant such as
+    mixtral-eager-experts does not replace the type's own row)."""
+    fa: dict[str, Mapping[str, str]] = {}
+    for r in rows:
+        if r["rule"] == "fa" and r.get("head") == "causal-lm":
+            own = r["model"] in (r["model_type"], f"{r['model_type']}-clm")
+            if own or r["model_type"] not in fa:
+                fa[r["model_type"]] = r
+    return fa
+
+
+def causal_lm_numbers(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """The causal-LM classes of the installed transformers (one per model type of
+    ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), how many have an FA row, how many ran (not skipped,
+    built), how many of those are clean."""
+    classes = causal_lm_classes()
+    fa = _causal_fa(rows)
+    attempted = [r for t, r in fa.items() if t in classes]
+    ran = [r for r in attempted if r["status"] not in (SKIPPED, Status.BUILD_ERROR)]
+    clean = sum(r["status"] == Status.PASS for r in attempted)
+    return {
+        "types": len(classes),
+        "classes": len(set(classes.values())),
+        "attempted": len(attempted),
+        "skipped": sum(r["status"] == SKIPPED for r in attempted),
+        "build_error": sum(r["status"] == Status.BUILD_ERROR for r in attempted),
+        "ran": len(ran),
+        "clean": clean,
+        "clean_pct": 100.0 * clean / max(len(attempted), 1),
+        "clean_of_ran_pct": 100.0 * clean / max(len(ran), 1),
+    }
+
+
+def _causal_lm_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Every causal-LM class: the counts, the statuses, the per-type overrides and skips."""
+    n = causal_lm_numbers(rows)
+    classes = causal_lm_classes()
+    fa = _causal_fa(rows)
+    statuses = Counter(fa[t]["status"] for t in classes if t in fa)
+    missing = [t for t in classes if t not in fa]
+    lines = [
+        "## Every causal-LM class of transformers",
+        "",
+        f"transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` has **{n['types']} model types** "
+        f"({n['classes']} distinct classes: some types share one, e.g. `LlamaForCausalLM`). "
+        f"**{n['attempted']} of {n['types']} attempted under FA**"
+        + (f" ({len(missing)} not reached yet: {', '.join(missing)})" if missing else "")
+        + f": {n['clean']} clean (**{n['clean_pct']:.1f} %** of those attempted; "
+        f"{n['clean_of_ran_pct']:.1f} % of the {n['ran']} that built and ran — {n['skipped']} skipped as needing "
+        f"inputs besides token ids, {n['build_error']} whose small model transformers could not build or run). "
+        "By status: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()) + ".",
+        "",
+        "The types with a hand-written config above (the first 23 causal LMs) keep it; every other one is "
+        "`AutoModelForCausalLM.from_config` of a config derived generically from its config class "
+        "(`benchmarks/_hf_causal_lm.py`): the class's defaults with every attribute of a known name shrunk "
+        "(layers → 2, hidden size → 32, heads → 4, key/value heads → 2, head size → 8, FFN → 64, MoE FFN → 32, "
+        "vocabulary → 256, experts → 4 with ≤ 2 per token, positions → 64, windows → 4, MLA ranks → 16, "
+        "Mamba state → 8, …), per-layer lists (`layer_types`, `mlp_layer_types`, index lists, "
+        "`per_layer_config`) cut to one layer of each kind (2 to 4 layers), sub-configs (`text_config`, "
+        "`vision_config`, …) shrunk alike, special tokens beyond the vocabulary moved to its top (the batch's "
+        "ids stay below them). Composite (multimodal) types get the same text-only batch as the others.",
+        "",
+        f"**Per-type overrides ({len(WHY)})**, where the generic shrink alone does not give a model that builds "
+        "and runs on a text batch:",
+        "",
+        *md_table(
+            ["type", "override", "why"],
+            ([t, md_cell(f"`{OVERRIDES.get(t, {})}`"), md_cell(WHY[t])] for t in sorted(WHY)),
+            "lll",
+        ),
+        "",
+        f"**Skipped ({len(SKIPS)})**, not runnable on token ids: "
+        + "; ".join(f"{t}: {why}" for t, why in sorted(SKIPS.items()))
+        + ".",
+        "",
+    ]
+    return lines
 
 
 def _front_end_counts(rows: Sequence[Mapping[str, str]]) -> Counter[str]:

@@ -107,7 +107,7 @@ def _identify(row: dict[str, Any]) -> dict[str, Any]:
     keep = {k: row[k] for k in ("source", "model", "rule", "status", "reason", "pfa_fx_rev") if row.get(k)}
     spec = SPEC_BY_NAME.get(row["model"])
     if spec is not None:
-        keep.update(model_type=spec.model_type, head=spec.head)
+        keep.update(model_type=spec.model_type, head=spec.head, **({"class": spec.cls} if spec.cls else {}))
     return finish_row(keep)
 
 
@@ -122,7 +122,7 @@ def sweep(args: argparse.Namespace) -> float:
         if r["source"] == SOURCE and r["status"] not in args.retry and not args.fresh
     }
     jobs = []
-    for spec in select(args.models, args.quick):
+    for spec in select(args.models, args.quick, every_causal_lm=not getattr(args, "hand_only", False)):
         rules = [r for r in rules_for(spec.name, args) if (spec.name, r) not in done]
         if rules:
             jobs.append(Job(SOURCE, spec.name, rules))

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", nargs="*", default=list(SAMPLE), help="models that run every rule by default")
     p.add_argument("--quick", action="store_true", help=f"one model per head ({', '.join(QUICK)}), FA and BP")
     p.add_argument(
+        "--hand-only",
+        action="store_true",
+        help="only the hand-configured models, not every other causal-LM class of transformers",
+    )
+    p.add_argument(
         "--capture",
         choices=("auto", "fx", "export", "eager"),
         default="auto",
