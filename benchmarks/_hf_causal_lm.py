@@ -152,7 +152,9 @@ WINDOWS = {
 }
 #: "one layer in every N" style settings: at most 2 so that both kinds occur in the small model
 _PERIOD = re.compile(r"(period|interval|every_n|_pattern|sparse_step|_step)$")
-_OFFSET = re.compile(r"((?<!vocab_)offset|first_k_dense_replace|num_dense_layers|num_dense_blocks|moe_layer_start_index)$")
+_OFFSET = re.compile(
+    r"((?<!vocab_)offset|first_k_dense_replace|num_dense_layers|num_dense_blocks|moe_layer_start_index)$"
+)
 _TOKEN = re.compile(r"_token_(id|index)$")
 #: at most this many layers when the full model has several kinds of layers
 MAX_LAYERS = 4
@@ -315,7 +317,7 @@ def shrink(
             _set_small(key, value, 64, out)
         elif key in WINDOWS:
             _set_small(key, value, 4, out)
-        elif key == "vocab_size" or key.endswith("_vocab_size") and "type" not in key:
+        elif key == "vocab_size" or (key.endswith("_vocab_size") and "type" not in key):
             _set_small(key, value, VOCAB, out)
         elif _PERIOD.search(key):
             _set_small(key, value, 2, out)
@@ -345,7 +347,7 @@ def shrink(
     n = _layer_count(d)
     if n is not None and n > 2 and layer_lists:
         kept = _kept_layers(d, n)
-        for k in (k for k in LAYERS if k in out or k in d and isinstance(d[k], int) and d[k] == n):
+        for k in (k for k in LAYERS if k in out or (k in d and isinstance(d[k], int) and d[k] == n)):
             out[k] = len(kept)
         per_layer = _per_layer(d, n)
         for k, v in per_layer.items():
@@ -448,8 +450,7 @@ WHY: dict[str, str] = {
 }
 #: types that cannot run on a text-only batch of token ids: the reason
 _ASSISTANT = (
-    "a drafting assistant: its forward needs the backbone model's `inputs_embeds` and `shared_kv_states`, "
-    "not token ids"
+    "a drafting assistant: its forward needs the backbone model's `inputs_embeds` and `shared_kv_states`, not token ids"
 )
 _MUSICGEN = (
     "a music decoder over codebooks: `AutoModelForCausalLM.from_config` on its composite config fails in "

@@ -142,6 +142,22 @@ for BEiT: pfa_fx's export front end could compare the captured graph's forward w
 one on the example inputs and warn or fall back (`capture/export.py`) — its promise is a
 bit-identical forward."""
 
+_FX_NONE = """\
+**Diagnosis — pfa_fx bug: the fx fallback freezes a None-default input that the example inputs
+give.** torch.export cannot capture `ReformerModelWithLMHead` (its axial position embeddings
+check `position_ids.max().item()`: a guard on a data-dependent value), so `convert` falls back to
+torch.fx, and `capture/fx_trace.py::_constant_defaults` passes every argument whose default is
+None as a concrete arg — `input_ids` among them. Tracing the inner `ReformerModel` with
+`input_ids=None` raises ("You have to specify either input_ids or inputs_embeds"), the fallback
+makes it an opaque module (front end "1 graph; 11 opaque module"), and the converted root's
+forward keeps the constant: called with the batch it raises `input_ids has been specialized to
+have value None but got another value` (the eval-mode forward; no row gets further). This is the
+failure this sweep found at `3da71e5` for mpnet/deberta/resnet (fixed then by trying torch.export
+first): where export fails it is still there. Suggested fix: in `_constant_defaults`, do not
+make constant an argument that `example_inputs` supplies (or any tensor-named one), and have
+`convert` run the converted forward on `example_inputs` and refuse or fall back to the eager
+front end when it raises."""
+
 #: causes matched on any model's failing row (after the model-specific diagnoses above)
 GENERIC: list[Diagnosis] = [
     Diagnosis(
@@ -164,10 +180,45 @@ GENERIC: list[Diagnosis] = [
     Diagnosis(
         (),
         (),
+        "block-diagonal gate weights `(heads, block, block)` through `baddbmm` (Griffin's RG-LRU) left on BP",
+        "pfa_fx gap: `rewrite.py` (baddbmm with a 3-D parameter operand; the grouped op again)",
+        "",
+        pattern=r"left_on_bp.*an operand of baddbmm\.default",
+    ),
+    Diagnosis(
+        (),
+        (),
+        "3-D weights `(d_model, heads, head_dim)` through `einsum` (XLNet's q, k, v, o) left on BP",
+        "pfa_fx gap: `rewrite.py` (einsum whose parameter operand has more than two dimensions)",
+        "",
+        pattern=r"left_on_bp.*an operand of einsum\.default",
+    ),
+    Diagnosis(
+        (),
+        (),
         "a bare parameter used as an attention query (`query.view(…) @ keys`): a `matmul` operand left on BP",
         "pfa_fx gap: `rewrite.py` (a parameter as the left operand of `matmul`, not a linear weight)",
         "",
         pattern=r"left_on_bp.*\.query\b.*an operand of matmul\.default",
+    ),
+    Diagnosis(
+        (),
+        (),
+        "per-head 3-D projections (`x_proj_weight`, `dt_proj_weight` of Zamba's Mamba) through batched "
+        "`matmul` left on BP",
+        "pfa_fx gap: `rewrite.py` (matmul with a 3-D parameter operand: one matrix per head)",
+        "",
+        pattern=r"left_on_bp.*an operand of matmul\.default",
+    ),
+    Diagnosis(
+        (),
+        (),
+        "after torch.export failed, the torch.fx fallback traced `input_ids` (default None) as the constant "
+        "None: the converted model refuses the real ids",
+        "pfa_fx bug: `capture/fx_trace.py::_constant_defaults` (and `convert` accepting a trace that cannot "
+        "take `example_inputs`)",
+        _FX_NONE,
+        pattern=r"check_error.*specialized to have value None",
     ),
     Diagnosis(
         (),

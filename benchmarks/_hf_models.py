@@ -1,6 +1,8 @@
 """The Hugging Face coverage sweep's models: one small, randomly initialised configuration per
-(model type, head) — two layers, hidden size 32, vocabulary 256, images of 32 px — and the
-inputs each family is trained on (``SPECS``, ``build``). No weights are downloaded."""
+(model type, head) — two layers, hidden size 32, vocabulary 256, images of 32 px — written by
+hand (``SPECS``), plus every other causal-LM class of the installed transformers on a config
+derived generically from its config class (``CAUSAL_LM_SPECS``, ``_hf_causal_lm.py``), and the
+inputs each family is trained on (``build``). No weights are downloaded."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The Hugging Face coverage sweep's markdown, from the CSV alone: the summary line (model
-types, share clean under FA), counts per rule, one table with a row per model (its FA row and
+types, share clean under FA), counts per rule, every causal-LM class of transformers (attempted,
+clean, the per-type config overrides and skips), one table with a row per model (its FA row and
 BP's gradient check), the sample's rules, every failing model with its cause and diagnosis,
 then every row."""
 
@@ -279,6 +280,7 @@ def _causal_lm_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
     classes = causal_lm_classes()
     fa = _causal_fa(rows)
     statuses = Counter(fa[t]["status"] for t in classes if t in fa)
+    hand = sorted({s.model_type for s in ALL_SPECS if s.head == "causal-lm" and not s.generic})
     missing = [t for t in classes if t not in fa]
     lines = [
         "## Every causal-LM class of transformers",
@@ -286,13 +288,18 @@ def _causal_lm_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
         f"transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` has **{n['types']} model types** "
         f"({n['classes']} distinct classes: some types share one, e.g. `LlamaForCausalLM`). "
         f"**{n['attempted']} of {n['types']} attempted under FA**"
-        + (f" ({len(missing)} not reached yet: {', '.join(missing)})" if missing else "")
+        + (
+            f" ({len(missing)} not reached yet" + (f": {', '.join(missing)})" if len(missing) <= 20 else ")")
+            if missing
+            else ""
+        )
         + f": {n['clean']} clean (**{n['clean_pct']:.1f} %** of those attempted; "
         f"{n['clean_of_ran_pct']:.1f} % of the {n['ran']} that built and ran — {n['skipped']} skipped as needing "
         f"inputs besides token ids, {n['build_error']} whose small model transformers could not build or run). "
         "By status: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()) + ".",
         "",
-        "The types with a hand-written config above (the first 23 causal LMs) keep it; every other one is "
+        f"The {len(hand)} types with a hand-written config ({', '.join(hand)}) keep it and their rows; every "
+        "other one is "
         "`AutoModelForCausalLM.from_config` of a config derived generically from its config class "
         "(`benchmarks/_hf_causal_lm.py`): the class's defaults with every attribute of a known name shrunk "
         "(layers → 2, hidden size → 32, heads → 4, key/value heads → 2, head size → 8, FFN → 64, MoE FFN → 32, "

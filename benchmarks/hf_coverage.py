@@ -1,7 +1,10 @@
 """Coverage across Hugging Face architectures: causal LMs, masked LMs, sequence and image
 classifiers, encoder-decoders, speech models and CLIP, each built from a small config of its
 model type (no weights downloaded), converted by ``pfa_fx.convert`` with its own training
-batch as ``example_inputs=``, and checked:
+batch as ``example_inputs=``, and checked. Besides the hand-configured models, every causal-LM
+class of the installed transformers (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) runs, on a config
+derived generically from its config class (``_hf_causal_lm.py``; ``--hand-only`` leaves them out).
+The checks:
 
 1. eval- and train-mode forwards ``torch.equal`` to the native model's on every output tensor;
 2. ``weights_on_backprop`` empty on a scalar of the outputs (and no ≥ 2-D parameter behind a
@@ -20,6 +23,8 @@ reruns those), then ``COVERAGE_HF.md`` is written from the CSV.
 Usage::
 
     python benchmarks/hf_coverage.py                      # every model: FA, BP; the sample: all rules
+    python benchmarks/hf_coverage.py --rules fa --timeout 120   # FA only, as the causal-LM sweep ran
+    python benchmarks/hf_coverage.py --hand-only          # only the hand-configured models
     python benchmarks/hf_coverage.py --fresh              # the same, rerunning rows already in the CSV
     python benchmarks/hf_coverage.py --quick              # one model per head, FA and BP
     python benchmarks/hf_coverage.py --models 'gpt*' 'llama' --rules fa pfa
@@ -27,7 +32,8 @@ Usage::
     python benchmarks/hf_coverage.py --models resnet --capture export --csv /tmp/x.csv --summary /tmp/X.md
     python benchmarks/hf_coverage.py --no-run             # COVERAGE_HF.md from the CSV alone
 
-The parts: ``_hf_models.py`` (the configs and inputs), ``_hf_check.py`` (the checks of one
+The parts: ``_hf_models.py`` (the configs and inputs), ``_hf_causal_lm.py`` (the generic
+small configs of every causal-LM class, the per-type overrides and skips), ``_hf_check.py`` (the checks of one
 model), ``_hf_sweep.py`` (the worker processes), ``_hf_summary.py`` and ``_hf_diagnoses.py``
 (the markdown); this file is the command line.
 """
