@@ -20,13 +20,16 @@ from tests.nets import MLP
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_rule.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def custom():
     spec = importlib.util.spec_from_file_location("examples_custom_rule", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(module)  # registers "noisy-bp"
-    return module
+    yield module
+    # the registry is process-wide: other tests in this worker list every registered rule
+    pfa_fx.RULES.pop("noisy-bp", None)
+    sys.modules.pop(spec.name, None)
 
 
 def test_a_registered_rule_sends_the_error_through_its_own_feedback_weight(custom):
