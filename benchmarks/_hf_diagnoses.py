@@ -135,9 +135,14 @@ _EXPORT_ROUNDING = """\
 eager.** These hybrid models' linear-attention layers (gated DeltaNet: the torch fallback of the
 chunked delta rule and the causal depthwise convolution, no CUDA kernels on CPU) give logits
 that differ by one or two float32 ulps (6e-8 – 1.2e-7) between the eager forward and the graph
-torch.export captures of the unconverted model (checked on lara_mini and qwen3_5_text:
-`torch.export.export(model, kwargs=batch).module()(**batch)` vs `model(**batch)`, the same
-difference), so pfa_fx's export front end inherits it; the feedback ops are not involved. As
+torch.export captures of the unconverted model (`torch.export.export(model,
+kwargs=batch).module()(**batch)` vs `model(**batch)`, the same difference: checked on lara_mini,
+qwen3_5_text and olmo_hybrid under `torch.no_grad()`, and on qwen3_next with autograd enabled as
+the sweep's forwards run — under `no_grad` its export is exact — with static and with `Dim.AUTO`
+shapes; BP's converted forward differs by the same amount), so pfa_fx's export front end
+inherits it; the feedback ops are not involved. (At `16bb55c` qwen3_5_moe, qwen3_5_moe_text and
+qwen3_next ran on the eager front end and passed; since their MoE blocks export, they inherit
+this.) As
 for BEiT: pfa_fx's export front end could compare the captured graph's forward with the eager
 one on the example inputs and warn or fall back (`capture/export.py`) — its promise is a
 bit-identical forward."""
@@ -158,6 +163,19 @@ make constant an argument that `example_inputs` supplies (or any tensor-named on
 `convert` run the converted forward on `example_inputs` and refuse or fall back to the eager
 front end when it raises."""
 
+_CACHE_DROPPED = """\
+**Diagnosis — pfa_fx regression at `be7df44`: the converted Granite-MoE models return no cache
+where the native ones do.** Their `forward(input_ids, attention_mask, **kwargs)` has no
+`use_cache` parameter, so the sweep calls both models without it and the config's
+`use_cache=True` applies: the native output is `(logits, cache)`. Before `be7df44` torch.export
+could not capture them (a `DynamicCache` in the output) and they converted on the eager front end
+with a bit-identical forward (pass at `16bb55c`). `be7df44` makes `_forced_kwargs` capture them
+with `use_cache=False`; `_captured_call` then treats the call that omits `use_cache` as matching
+the forced value and runs the graph, whose output has no cache — the output structure changes
+(logits equal). Suggested fix: in `_captured_call`, an omitted forced argument whose effective
+default differs (the config's `use_cache=True`) should not match — run the intercepted class
+forward, as a call with `use_cache=True` does — or the converted output should carry the cache."""
+
 #: causes matched on any model's failing row (after the model-specific diagnoses above)
 GENERIC: list[Diagnosis] = [
     Diagnosis(
@@ -172,8 +190,10 @@ GENERIC: list[Diagnosis] = [
     Diagnosis(
         (),
         (),
-        "grouped projection: a 3-D weight through `bmm` left on BP (grouped op pending)",
-        "pfa_fx gap: `rewrite.py` (bmm with a 3-D parameter operand; the same grouped op as the expert banks)",
+        "grouped projection: a 2-D weight viewed per group `(o_groups, out, in)` and multiplied with `bmm` "
+        "(DeepSeek-V4's `DeepseekV4GroupedLinear`, `o_a_proj`) left on BP (grouped op pending)",
+        "pfa_fx gap: `rewrite.py` (bmm whose operand is a view of a parameter; the same grouped op as the "
+        "expert banks)",
         "",
         pattern=r"left_on_bp.*an operand of bmm\.default",
     ),
@@ -223,6 +243,16 @@ GENERIC: list[Diagnosis] = [
     Diagnosis(
         (),
         (),
+        "the converted forward drops the KV cache the native forward returns: a call without `use_cache` runs "
+        "the graph captured with the forced `use_cache=False`, though the config's `use_cache=True` applies",
+        "pfa_fx regression (`be7df44`): `capture/export.py::_captured_call` (an absent forced argument is "
+        "taken as the forced value; `_forced_kwargs` forces it for `**kwargs` forwards)",
+        _CACHE_DROPPED,
+        pattern=r"forward_changed.*output structure.*'cache'",
+    ),
+    Diagnosis(
+        (),
+        (),
         "torch.export of the native model already differs from eager by float rounding (≤ 1.2e-7)",
         "torch.export; pfa_fx could verify the captured graph (`capture/export.py`)",
         _EXPORT_ROUNDING,
@@ -245,6 +275,27 @@ def diagnose(model: str, reason: str) -> Diagnosis | None:
 
 #: findings on models that pass, and the history of the failures this sweep found
 NOTES = """\
+- **Every causal-LM class, and which pfa_fx it ran against.** The 201 causal-LM models (22 hand
+  types, mixtral-eager-experts, 178 generic) ran FA and BP at `4e0a16e` (its `pfa_fx/` is
+  `1b6a91e`'s; 39.5 min wall-clock, one worker, one torch thread, 2 cores shared with other
+  jobs); the other heads' rows and the sample's seven other rules are from `374ae8f`. A first FA-only pass over the 178 generic types
+  at `16bb55c+dirty` (23.2 min) is superseded in the CSV by the later rows.
+- **Expert banks through transformers' `grouped_mm` now convert**: mixtral, qwen2_moe (under the
+  grouped-matmul diagnosis above while they failed at `374ae8f`), mixtral-eager-experts and the
+  other `@use_experts_implementation` types (qwen3_moe, olmoe, deepseek_v3, …) are clean at
+  `4e0a16e`. `tests/test_hf_coverage_subset.py::test_mixtral_expert_banks_are_converted` is a
+  strict xfail, so it now fails as XPASS until its marker goes.
+- **recurrent_gemma's BP row is a `conversion_error`** ("Only Tensors created explicitly by the
+  user … support the deepcopy protocol"): converted alone under BP it is `left_on_bp` like FA
+  (the `baddbmm` gates). RecurrentGemma's RG-LRU keeps `recurrent_states`, a non-leaf tensor of
+  the last forward with autograd, as a module attribute; the sweep's FA check ran the native model
+  in train mode first, and `pfa_fx/convert.py::_build`'s `copy.deepcopy(model)` refuses it. Any
+  user converting a RecurrentGemma that has already run a training forward hits it. Suggested:
+  deep-copy with non-leaf tensor attributes detached (a `memo` pre-filled with `t.detach()`), or
+  say so in the error.
+- **gemma3n keeps a full-size vision tower** (299 M parameters): its `vision_config` is a timm
+  wrapper (`mobilenetv5_300m_enc`) that the generic shrink has no size attributes for; it is clean
+  on the eager front end (359 ops, the tower's included) in 13 s.
 - **Swin converts in minutes, not seconds** (its convert time above).
   `pfa_fx/capture/export.py::export_modes` exports with `Dim.AUTO` on every dimension of every
   input; Swin's window partition and padding then take torch.export's symbolic-shape reasoning

@@ -298,7 +298,7 @@ def _causal_lm_section(rows: Sequence[Mapping[str, str]]) -> list[str]:
         f"inputs besides token ids, {n['build_error']} whose small model transformers could not build or run). "
         "By status: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()) + ".",
         "",
-        f"The {len(hand)} types with a hand-written config ({', '.join(hand)}) keep it and their rows; every "
+        f"The {len(hand)} types with a hand-written config ({', '.join(hand)}) keep it; every "
         "other one is "
         "`AutoModelForCausalLM.from_config` of a config derived generically from its config class "
         "(`benchmarks/_hf_causal_lm.py`): the class's defaults with every attribute of a known name shrunk "
