@@ -97,13 +97,7 @@ def _forced_kwargs(model: nn.Module) -> dict[str, Any]:
         params = inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         return {}
-    if "use_cache" in params:
-        return {"use_cache": False}
-    # a forward taking **kwargs on to a model whose config has use_cache (Granite-MoE): a cache
-    # object in the output would break the capture
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    has_cache = isinstance(getattr(getattr(model, "config", None), "use_cache", None), bool)
-    return {"use_cache": False} if takes_kwargs and has_cache else {}
+    return {"use_cache": False} if "use_cache" in params else {}
 
 
 def export_modes(root: nn.Module, kwargs: dict[str, Tensor]) -> ExportedGraphs:
