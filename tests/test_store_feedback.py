@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pfa_fx
-from pfa_fx.errors import ConversionError, ConversionTypeError
 from pfa_fx.draws import CastTrail, gaussian_pieces
+from pfa_fx.errors import ConversionError, ConversionTypeError
 
 # name -> (rule, options) of every conversion that redraws something under store_feedback=False
 CASES: dict[str, tuple[str, dict]] = {
