@@ -271,6 +271,26 @@ def _hidden_sizes(d: Mapping[str, Any]) -> set[int]:
     return found
 
 
+#: sizes given before the key/value heads (which depend on the query heads) and after them,
+#: in this order of precedence, then the more specific names of SMALL
+LEADING = [(LAYERS, 2), (HIDDEN, 32), (HEADS, 4)]
+TRAILING = [
+    (HEAD_DIM, 8),
+    (FFN, 64),
+    (MOE_FFN, 32),
+    (EXPERTS, 4),
+    (TOP_K, 2),
+    (SHARED_EXPERTS, 1),
+    (POSITIONS, 64),
+    (WINDOWS, 4),
+]
+
+
+def _size_of(key: str, table: list[tuple[set[str], int]]) -> int | None:
+    """The small size of the first group of ``table`` that names ``key``, else None."""
+    return next((size for names, size in table if key in names), None)
+
+
 def shrink(
     d: Mapping[str, Any], top: bool = True, layer_lists: bool = True, hidden: set[int] | None = None
 ) -> dict[str, Any]:
@@ -288,12 +308,9 @@ def shrink(
             if sub:
                 out[key] = {**({"model_type": value["model_type"]} if value.get("model_type") else {}), **sub}
             continue
-        if key in LAYERS:
-            _set_small(key, value, 2, out)
-        elif key in HIDDEN:
-            _set_small(key, value, 32, out)
-        elif key in HEADS:
-            _set_small(key, value, 4, out)
+        leading = _size_of(key, LEADING)
+        if leading is not None:
+            _set_small(key, value, leading, out)
         elif key in KV_HEADS:
             if value is None and heads0 is not None and key == "num_key_value_heads":
                 out[key] = 4  # a None the modeling code divides by: as many as the query heads
@@ -301,22 +318,8 @@ def shrink(
                 _set_small(key, value, 2, out)
             else:
                 _set_small(key, value, 4, out)
-        elif key in HEAD_DIM:
-            _set_small(key, value, 8, out)
-        elif key in FFN:
-            _set_small(key, value, 64, out)
-        elif key in MOE_FFN:
-            _set_small(key, value, 32, out)
-        elif key in EXPERTS:
-            _set_small(key, value, 4, out)
-        elif key in TOP_K:
-            _set_small(key, value, 2, out)
-        elif key in SHARED_EXPERTS:
-            _set_small(key, value, 1, out)
-        elif key in POSITIONS:
-            _set_small(key, value, 64, out)
-        elif key in WINDOWS:
-            _set_small(key, value, 4, out)
+        elif _size_of(key, TRAILING) is not None:
+            _set_small(key, value, _size_of(key, TRAILING), out)
         elif key == "vocab_size" or (key.endswith("_vocab_size") and "type" not in key):
             _set_small(key, value, VOCAB, out)
         elif _PERIOD.search(key):
@@ -327,10 +330,8 @@ def shrink(
             n0 = _layer_count(d)
             if value != n0:  # e.g. layers that share another's KV cache: all of them stays all of them
                 _set_small(key, value, 1, out)
-        else:
-            for names, size in SMALL:
-                if key in names:
-                    _set_small(key, value, size, out)
+        elif _size_of(key, SMALL) is not None:
+            _set_small(key, value, _size_of(key, SMALL), out)
     for key, value in d.items():  # sized as some hidden size (an adapter's input, a projection's output)
         if key not in out and isinstance(value, int) and value in hidden and ("dim" in key or "size" in key):
             out[key] = 32
