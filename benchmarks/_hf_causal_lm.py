@@ -271,6 +271,8 @@ def _hidden_sizes(d: Mapping[str, Any]) -> set[int]:
     return found
 
 
+QUERY_HEADS = {"num_attention_heads", "n_head", "n_heads", "num_heads"}
+
 #: sizes given before the key/value heads (which depend on the query heads) and after them,
 #: in this order of precedence, then the more specific names of SMALL
 LEADING = [(LAYERS, 2), (HIDDEN, 32), (HEADS, 4)]
@@ -301,7 +303,11 @@ def shrink(
     cut to the layers kept; without, they are left for ``__post_init__`` to derive."""
     out: dict[str, Any] = {}
     hidden = _hidden_sizes(d) if hidden is None else hidden
-    heads0 = next((d[k] for k in HEADS if isinstance(d.get(k), int)), None)
+    # the query heads: the standard names first, then the others in a fixed order (a set's order
+    # changes with the hash seed, and a config may name other heads too, e.g. an indexer's)
+    heads0 = next(
+        (d[k] for k in sorted(HEADS, key=lambda k: (k not in QUERY_HEADS, k)) if isinstance(d.get(k), int)), None
+    )
     for key, value in d.items():
         if isinstance(value, dict) and key.endswith("_config"):
             sub = shrink(value, top=False, layer_lists=layer_lists, hidden=hidden)
