@@ -100,10 +100,11 @@ def eager_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args:
 
 
 def _save_conversion(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any]) -> None:
-    nodes = [node for _, node in feedback_modules(module)]
-    versions = {node.rule: node.config_type.VERSION for node in nodes}
-    record = {"format": 1, "ops": conversion_config(module), "versions": versions}
-    generators = {node.generator for node in nodes}
+    nodes = dict(feedback_modules(module))
+    versions = {node.rule: node.config_type.VERSION for node in nodes.values()}
+    ops = {name: _op_config(node) for name, node in nodes.items()}  # conversion_config, from the same walk
+    record = {"format": 1, "ops": ops, "versions": versions}
+    generators = {node.generator for node in nodes.values()}
     if generators - {"mt19937"}:  # recorded where it is not the default, as checkpoints always were
         record["generator"] = GENERATOR_RECORD[generators.pop()] if len(generators) == 1 else "mixed"
     local_metadata[CHECKPOINT_KEY] = record

@@ -11,7 +11,7 @@ can be shared between conversions and used as a dictionary key.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from .draws import SCALES
@@ -105,9 +105,18 @@ def _example(cls: type[RuleConfig]) -> str:
 
 
 def _unknown(cls: type[RuleConfig], key: str) -> str:
-    names = cls.option_names()
-    listed = ", ".join(names) or "none"
-    return f"unknown option {key!r} for rule {cls.rule or cls.__name__!r}; valid options: {listed}{did_you_mean(key, names)}"
+    return unknown_option(key, f"rule {cls.rule or cls.__name__!r}", cls.option_names())
+
+
+def unknown_option(key: str, which: str, valid: Sequence[str], keywords: Sequence[str] = ()) -> str:
+    """The refusal of an unknown option ``key`` for ``which`` (``"rule 'pfa'"``), listing the
+    ``valid`` ones with the closest; else pointing at ``keywords`` close to it (convert's own)."""
+    hint = did_you_mean(key, valid)
+    if not hint and keywords:
+        close = did_you_mean(key, keywords)
+        if close:
+            hint = f"{close[:-1]} (a keyword of pfa_fx.convert itself, not a rule option)?"
+    return f"unknown option {key!r} for {which}; valid options: {', '.join(valid) or 'none'}{hint}"
 
 
 # -- checks the rules' configs share ----------------------------------------------------
@@ -172,4 +181,5 @@ __all__ = [
     "check_positive",
     "check_scale",
     "check_store_feedback",
+    "unknown_option",
 ]

@@ -19,7 +19,7 @@ from .mapping import RuleSpec, resolve_spec
 from .node import FeedbackNode, seeded_generator
 from .record import ConversionRecord, set_record
 from .registry import NAMESPACE, bind_flat, feedback_modules, owner_slot, place_node
-from .rules import config_for, node_class_of, rule_class
+from .rules import node_class_of
 from .weights import HiddenWeight
 
 
@@ -35,10 +35,7 @@ def make_node(
 ) -> FeedbackNode:
     """The node of ``rule`` (a config, or a name with ``opts``, of which the options the rule
     accepts are taken) for one weight, its state drawn from ``(seed, key)`` with ``generator``."""
-    if not isinstance(rule, RuleConfig):
-        accepted = rule_class(rule).config_type.option_names()
-        rule = config_for(rule, {k: v for k, v in opts.items() if k in accepted})
-    config = rule
+    config = resolve_spec(rule, key, None, opts)
     cls = node_class_of(config)
     gen = seeded_generator(seed, key, generator)
     node = cls(weight, groups=groups, generator=gen, transposed=transposed, config=config)

@@ -16,8 +16,8 @@ from typing import Any, Union
 
 from torch import nn
 
-from .config import RuleConfig, check_store_feedback
-from .errors import ConversionError, did_you_mean, short_list
+from .config import RuleConfig, check_store_feedback, unknown_option
+from .errors import ConversionError, short_list
 from .rules import canonical_rule, config_for, node_class_of, rule_class
 
 RuleSpec = Union[RuleConfig, str, tuple[str, Mapping[str, Any]], None]
@@ -166,28 +166,15 @@ def _check_options(owner: str | None, options: Mapping[str, Any], names: list[st
         if accepting or learned:
             check_store_feedback(options["store_feedback"], owner or ", ".join(accepting + learned))
             # rules with learned feedback store it whatever the option says: True is what they
-            # do (make_node leaves the option out for them), False is refused with the reason
+            # do (their config's from_options drops it), False is refused with the reason
             valid.add("store_feedback")
             for n in learned:
                 check_store_feedback(options["store_feedback"], n, rule_class(n).learned_feedback)
     for opt in options:
         if opt not in valid:
             which = f"rule {owner!r}" if owner else f"rule(s) {', '.join(sorted(set(names)))}"
-            raise ConversionError(_unknown_option(opt, which, sorted(valid), entry=owner is not None))
-
-
-def _unknown_option(opt: str, which: str, valid: Any, entry: bool = False) -> str:
-    """The refusal of an unknown option, pointing at convert's own keywords where it is
-    close to one of them (``captur`` -> ``capture=``)."""
-    if " " not in which:
-        which = f"rule {which!r}"
-    listed = ", ".join(valid) or "none"
-    hint = did_you_mean(opt, valid)
-    if not hint and not entry:
-        close = did_you_mean(opt, CONVERT_KEYWORDS)
-        if close:
-            hint = f"{close[:-1]} (a keyword of pfa_fx.convert itself, not a rule option)?"
-    return f"unknown option {opt!r} for {which}; valid options: {listed}{hint}"
+            keywords = () if owner else CONVERT_KEYWORDS  # a mapping entry's options are the rule's alone
+            raise ConversionError(unknown_option(opt, which, sorted(valid), keywords))
 
 
 __all__ = ["RuleSpec", "check_spec", "mapping_problems", "resolve_spec"]
