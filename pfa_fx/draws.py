@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import counter_rng
 from .errors import ConversionError, did_you_mean
 
 
@@ -67,8 +68,6 @@ def gaussian_draw(generator: torch.Generator, shape: tuple[int, ...], device: to
     """Standard normal float64 numbers of ``shape``: the next Gaussian draw of ``generator``
     (a :class:`CounterStream` draws its next stream on ``device``; a torch generator on the CPU)."""
     if isinstance(generator, CounterStream):
-        from . import counter_rng
-
         n = math.prod(shape)
         return counter_rng.gaussian(
             generator.key, generator.take_stream(), 0, n, dtype=torch.float64, device=device
@@ -285,8 +284,6 @@ class Redrawing:
         flat = out.view(-1)
         draw_key = self._draw_keys[key]
         if isinstance(draw_key, tuple):  # counter-based: each piece drawn alone, on the op's device
-            from . import counter_rng
-
             seed, stream = draw_key
             for start in range(0, flat.numel(), REDRAW_PIECE):
                 n = min(REDRAW_PIECE, flat.numel() - start)
